@@ -1,0 +1,34 @@
+"""Parameter initialisation and precision rules shared by the SSM mixers (as in the official Mamba code)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def dt_bias_init(size: int, dt_min: float, dt_max: float, dt_init_floor: float, device=None) -> torch.Tensor:
+    """Bias whose softplus is a step dt drawn log-uniformly in [dt_min, dt_max] (at least dt_init_floor)."""
+    u = torch.rand(size, device=device, dtype=torch.float32)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+
+
+class KeepFloat32(nn.Module):
+    """Mixin: the parameters named in ``_keep_float32`` stay float32 when the module is cast.
+
+    ``layer.to(torch.bfloat16)`` (or ``.half()``, ``.bfloat16()``) moves them to the new device but keeps
+    their float32 values, as the official Mamba checkpoints keep A_log, D and dt_bias.
+    """
+
+    _keep_float32: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        before = {name: getattr(self, name).data for name in self._keep_float32}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            param = getattr(self, name)
+            if old.dtype == torch.float32 and param.dtype != torch.float32 and param.is_floating_point():
+                param.data = old.to(param.device)
+        return self

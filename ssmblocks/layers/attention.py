@@ -1,0 +1,155 @@
+"""Attention: causal grouped-query attention with (partial) rotary embeddings and a KV cache."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.packing import run_packed
+from ..state import KVCache
+from ._entry import check_inputs
+
+_HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float) -> torch.Tensor:
+    """Rotate the first ``rotary_dim`` channels of each head (halves layout), leave the rest.
+
+    x: (b, l, heads, head_dim); positions: (b, l) integer. Returns x's shape and dtype.
+    """
+    if rotary_dim == 0:
+        return x
+    inv_freq = theta ** (-torch.arange(0, rotary_dim, 2, device=x.device, dtype=torch.float32) / rotary_dim)
+    angles = positions.float()[..., None] * inv_freq  # (b, l, rotary_dim / 2)
+    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+    rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
+    x1, x2 = rot.chunk(2, dim=-1)
+    rot = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return torch.cat([rot.to(x.dtype), rest], dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal GQA: q_proj, k_proj, v_proj -> RoPE on the first rotary_fraction of each head -> softmax
+    attention (SDPA; flash-attn's kernel on CUDA when it is installed) -> o_proj.
+
+    x: (b, l, d_model) -> (b, l, d_model). n_heads query heads share n_kv_heads key/value heads.
+    State: ``KVCache`` (see ssmblocks.state), preallocated for ``max_seqlen`` tokens and grown if needed.
+    Positions count real tokens only, so a left-padded row sees the same positions as the row alone.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        rope_theta: float = 10000.0,
+        rotary_fraction: float = 1.0,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
+            raise ValueError(f"Attention: n_kv_heads={n_kv_heads} must be positive and divide n_heads={n_heads}")
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(f"Attention: n_heads={n_heads} must divide d_model={d_model} (or give head_dim)")
+            head_dim = d_model // n_heads
+        if not 0.0 <= rotary_fraction <= 1.0:
+            raise ValueError(f"Attention: rotary_fraction must be in [0, 1], got {rotary_fraction}")
+        self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
+        self.rope_theta = rope_theta
+        self.rotary_dim = int(head_dim * rotary_fraction) // 2 * 2
+        kw = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias, **kw)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias, **kw)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias, **kw)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias, **kw)
+
+    def init_state(self, batch_size: int, max_seqlen: int | None = None, *, device=None, dtype=None) -> KVCache:
+        """Empty cache with room for ``max_seqlen`` tokens (grows by doubling when exceeded)."""
+        device = self.q_proj.weight.device if device is None else device
+        dtype = self.q_proj.weight.dtype if dtype is None else dtype
+        cap = max_seqlen or 0
+        kv = (batch_size, self.n_kv_heads, cap, self.head_dim)
+        return KVCache(
+            k=torch.zeros(kv, device=device, dtype=dtype),
+            v=torch.zeros(kv, device=device, dtype=dtype),
+            valid=torch.zeros(batch_size, cap, device=device, dtype=torch.bool),
+            pos=torch.zeros(batch_size, device=device, dtype=torch.long),
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (b, l, d_model) -> (b, l, d_model).
+
+        state: KV cache holding the tokens before x[:, 0]; x's keys and values are appended in place.
+        attention_mask: (b, l) left padding, 1 = real token; padded tokens are never attended to.
+        cu_seqlens: (n + 1,) boundaries of packed sequences in a batch-1 input; none sees another.
+        """
+        mask = check_inputs(self, x, self.d_model, state, KVCache, attention_mask, cu_seqlens)
+        if cu_seqlens is not None:
+            return run_packed(self._attend, x, cu_seqlens)
+        return self._attend(x, state, mask)
+
+    def _attend(self, x: torch.Tensor, state: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, l, _ = x.shape
+        q = self.q_proj(x).view(b, l, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, l, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, l, self.n_kv_heads, self.head_dim)
+        real = torch.ones(b, l, dtype=torch.bool, device=x.device) if mask is None else mask
+        start = 0 if state is None else state.pos[:, None]
+        positions = (start + real.long().cumsum(1) - 1).clamp(min=0)  # (b, l): index among real tokens
+        q = rotary(q, positions, self.rotary_dim, self.rope_theta)
+        k = rotary(k, positions, self.rotary_dim, self.rope_theta)
+
+        if state is None and mask is None:
+            out = self._causal(q, k, v)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, heads, l, head_dim)
+            offset = 0
+            if state is not None:
+                offset = state.length
+                state.reserve(l)
+                state.k[:, :, offset : offset + l] = k
+                state.v[:, :, offset : offset + l] = v
+                state.valid[:, offset : offset + l] = real
+                state.pos += real.sum(1)
+                state.length = offset + l
+                k, v, keys_real = state.k[:, :, : offset + l], state.v[:, :, : offset + l], state.valid[:, : offset + l]
+            else:
+                keys_real = real
+            query_slot = torch.arange(offset, offset + l, device=x.device)[:, None]
+            key_slot = torch.arange(offset + l, device=x.device)
+            allowed = (key_slot <= query_slot) & keys_real[:, None, :]  # (b, l, s)
+            allowed |= key_slot == query_slot  # a padded query attends to itself only, never NaN
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=True)
+            out = out.transpose(1, 2)
+        return self.o_proj(out.reshape(b, l, self.n_heads * self.head_dim))
+
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Plain causal attention. q: (b, l, heads, head_dim); k, v: (b, l, kv_heads, head_dim)."""
+        if _HAS_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            from flash_attn import flash_attn_func
+
+            return flash_attn_func(q, k, v, causal=True)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        return out.transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
+            f"rotary_dim={self.rotary_dim}"
+        )

@@ -1,0 +1,74 @@
+"""CausalConv1d: depthwise causal convolution over time, channels-last."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops.conv import causal_conv1d
+from ..ops.packing import run_packed
+from ..state import ConvState
+from ._entry import check_inputs
+
+
+class CausalConv1d(nn.Module):
+    """y[t] = act(bias + sum_j weight[:, 0, j] * x[t - k + 1 + j]); x, y: (b, l, channels).
+
+    Parameters ``weight (channels, 1, k)`` and ``bias (channels,)`` have the shapes of a depthwise
+    ``nn.Conv1d``, so checkpoints map one to one. activation: None or "silu".
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 4,
+        bias: bool = True,
+        activation: str | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if activation not in (None, "silu"):
+            raise ValueError(f"CausalConv1d: activation must be None or 'silu', got {activation!r}")
+        self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(channels, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """As nn.Conv1d: uniform in +-1/sqrt(fan_in), fan_in = kernel_size for a depthwise conv."""
+        bound = 1 / math.sqrt(self.kernel_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def init_state(self, batch_size: int, max_seqlen: int | None = None, *, device=None, dtype=None) -> ConvState:
+        """Zero state (the input before the first token is zero). max_seqlen is unused: the state is O(1)."""
+        device = self.weight.device if device is None else device
+        dtype = self.weight.dtype if dtype is None else dtype
+        return ConvState(torch.zeros(batch_size, self.channels, self.kernel_size - 1, device=device, dtype=dtype))
+
+    def conv(self, x: torch.Tensor, conv_state: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution alone (no checks): x (b, l, channels); conv_state (b, channels, k-1) or None."""
+        return causal_conv1d(x, self.weight, self.bias, self.activation, conv_state)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: ConvState | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (b, l, channels) -> (b, l, channels). Padded positions (attention_mask 0) enter as zeros."""
+        mask = check_inputs(self, x, self.channels, state, ConvState, attention_mask, cu_seqlens)
+        if cu_seqlens is not None:
+            return run_packed(self.conv, x, cu_seqlens)
+        if mask is not None:
+            x = x * mask[..., None]
+        return self.conv(x, None if state is None else state.conv)
+
+    def extra_repr(self) -> str:
+        bias = self.bias is not None
+        return f"{self.channels}, kernel_size={self.kernel_size}, bias={bias}, activation={self.activation}"

@@ -1,0 +1,131 @@
+"""SelectiveSSM: the Mamba1 mixer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.packing import run_packed
+from ..ops.selective_scan import selective_scan, selective_scan_step
+from ..state import SSMState
+from ._entry import check_inputs
+from ._init import KeepFloat32, dt_bias_init
+from .conv import CausalConv1d
+
+
+class SelectiveSSM(KeepFloat32):
+    """Mamba1 mixer: in_proj -> [x | z]; x -> causal conv + silu -> x_proj -> [dt | B | C];
+    dt -> dt_proj -> softplus; selective scan; y * silu(z) -> out_proj.
+
+    x: (b, l, d_model) -> (b, l, d_model). Inner width e = expand * d_model, state size n = d_state.
+    A_log (e, n) and D (e,) stay float32 when the layer is cast; the scan runs in float32.
+    State: ``SSMState(conv (b, e, d_conv - 1), ssm (b, e, n))``, ssm in ``state_dtype`` (float32).
+    """
+
+    _keep_float32 = ("A_log", "D")
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_scale: float = 1.0,
+        conv_bias: bool = True,
+        bias: bool = False,
+        state_dtype: torch.dtype = torch.float32,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for field, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+            if value <= 0:
+                raise ValueError(f"SelectiveSSM: {field} must be positive, got {value}")
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.state_dtype = state_dtype
+        kw = {"device": device, "dtype": dtype}
+        e, n, r = self.d_inner, d_state, self.dt_rank
+
+        self.in_proj = nn.Linear(d_model, 2 * e, bias=bias, **kw)
+        self.conv1d = CausalConv1d(e, d_conv, bias=conv_bias, activation="silu", **kw)
+        self.x_proj = nn.Linear(e, r + 2 * n, bias=False, **kw)
+        self.dt_proj = nn.Linear(r, e, bias=True, **kw)
+        self.A_log = nn.Parameter(torch.empty(e, n, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(e, device=device, dtype=torch.float32))
+        self.out_proj = nn.Linear(e, d_model, bias=bias, **kw)
+        self.dt_init = {"dt_min": dt_min, "dt_max": dt_max, "dt_init_floor": dt_init_floor, "dt_scale": dt_scale}
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Upstream init: A = 1..n per channel (S4D-real), D = 1, softplus(dt bias) log-uniform in
+        [dt_min, dt_max], dt_proj.weight uniform in +-dt_scale / sqrt(dt_rank)."""
+        cfg = self.dt_init
+        std = cfg["dt_scale"] / math.sqrt(self.dt_rank)
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        self.dt_proj.bias.copy_(
+            dt_bias_init(self.d_inner, cfg["dt_min"], cfg["dt_max"], cfg["dt_init_floor"], self.A_log.device)
+        )
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        self.A_log.copy_(torch.log(A).expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+
+    def init_state(self, batch_size: int, max_seqlen: int | None = None, *, device=None, dtype=None) -> SSMState:
+        """Zero state. dtype is the activation dtype (conv state); the ssm state uses ``state_dtype``.
+        max_seqlen is unused: the state does not grow."""
+        device = self.in_proj.weight.device if device is None else device
+        dtype = self.in_proj.weight.dtype if dtype is None else dtype
+        return SSMState(
+            conv=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=self.state_dtype),
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: SSMState | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (b, l, d_model) -> (b, l, d_model).
+
+        state: read as before x[:, 0], updated in place to after x[:, -1].
+        attention_mask: (b, l) left padding, 1 = real token; padded positions leave the state unchanged.
+        cu_seqlens: (n + 1,) boundaries of packed sequences in a batch-1 input; each starts fresh.
+        """
+        mask = check_inputs(self, x, self.d_model, state, SSMState, attention_mask, cu_seqlens)
+        if cu_seqlens is not None:
+            return run_packed(self._mix, x, cu_seqlens)
+        return self._mix(x, state, mask)
+
+    def _mix(self, x: torch.Tensor, state: SSMState | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
+        if mask is not None:
+            xs = xs * mask[..., None]
+        xs = self.conv1d.conv(xs, None if state is None else state.conv)
+        if mask is not None:
+            xs = xs * mask[..., None]
+        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt).float())  # (b, l, e)
+        if mask is not None:
+            dt = dt * mask[..., None]  # dt = 0: no decay, no input
+        A = -torch.exp(self.A_log.float())
+        if state is not None and x.shape[1] == 1:
+            y = selective_scan_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.ssm, self.D, z[:, 0])[:, None]
+        else:
+            y, final = selective_scan(xs, dt, A, B, C, self.D, z, None if state is None else state.ssm)
+            if state is not None:
+                state.ssm.copy_(final)
+        return self.out_proj(y)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}"

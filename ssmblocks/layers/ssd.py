@@ -1,0 +1,160 @@
+"""SSD: the Mamba2 mixer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.packing import run_packed
+from ..ops.ssd import ssd_chunked, ssd_step
+from ..state import SSMState
+from ._entry import check_inputs
+from ._init import KeepFloat32, dt_bias_init
+from .conv import CausalConv1d
+from .norm import GatedRMSNorm
+
+
+class SSD(KeepFloat32):
+    """Mamba2 mixer: in_proj -> [z | x | B | C | dt]; causal conv + silu over [x | B | C];
+    SSD scan with one decay per head; gated RMS norm with z (per group); out_proj.
+
+    x: (b, l, d_model) -> (b, l, d_model). Inner width e = expand * d_model = h * p heads of
+    head_dim p; B and C have n_groups g, each shared by h / g heads; state size n = d_state.
+    A_log, D and dt_bias stay float32 when the layer is cast; the scan runs in float32.
+    State: ``SSMState(conv (b, e + 2 g n, d_conv - 1), ssm (b, h, p, n))``, ssm in ``state_dtype``.
+    ``chunk_size`` is the chunk of the GPU kernels; the torch path picks its own (the result is the same).
+    """
+
+    _keep_float32 = ("A_log", "D", "dt_bias")
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        d_conv: int = 4,
+        expand: int = 2,
+        head_dim: int = 64,
+        n_groups: int = 1,
+        chunk_size: int = 256,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_limit: tuple[float, float] = (0.0, math.inf),
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        D_has_hdim: bool = False,
+        norm_before_gate: bool = False,
+        norm_eps: float = 1e-5,
+        conv_bias: bool = True,
+        bias: bool = False,
+        state_dtype: torch.dtype = torch.float32,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for field, value in (
+            ("d_model", d_model),
+            ("d_state", d_state),
+            ("d_conv", d_conv),
+            ("expand", expand),
+            ("head_dim", head_dim),
+            ("n_groups", n_groups),
+            ("chunk_size", chunk_size),
+        ):
+            if value <= 0:
+                raise ValueError(f"SSD: {field} must be positive, got {value}")
+        e = expand * d_model
+        if e % head_dim:
+            raise ValueError(f"SSD: head_dim={head_dim} must divide d_inner = expand * d_model = {e}")
+        h = e // head_dim
+        if h % n_groups:
+            raise ValueError(f"SSD: n_groups={n_groups} must divide the number of heads {h}")
+        self.d_model, self.d_state, self.d_conv, self.d_inner = d_model, d_state, d_conv, e
+        self.head_dim, self.n_heads, self.n_groups, self.chunk_size = head_dim, h, n_groups, chunk_size
+        self.dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
+        self.state_dtype = state_dtype
+        self.conv_dim = e + 2 * n_groups * d_state
+        kw = {"device": device, "dtype": dtype}
+
+        self.in_proj = nn.Linear(d_model, e + self.conv_dim + h, bias=bias, **kw)
+        self.conv1d = CausalConv1d(self.conv_dim, d_conv, bias=conv_bias, activation="silu", **kw)
+        self.dt_bias = nn.Parameter(torch.empty(h, device=device, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.empty(h, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(e if D_has_hdim else h, device=device, dtype=torch.float32))
+        self.norm = GatedRMSNorm(e, norm_eps, group_size=e // n_groups, norm_before_gate=norm_before_gate, **kw)
+        self.out_proj = nn.Linear(e, d_model, bias=bias, **kw)
+        self.dt_init = {"dt_min": dt_min, "dt_max": dt_max, "dt_init_floor": dt_init_floor}
+        self.A_init_range = A_init_range
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Upstream init: A uniform in A_init_range per head, D = 1, softplus(dt_bias) log-uniform in
+        [dt_min, dt_max]."""
+        device = self.A_log.device
+        self.dt_bias.copy_(dt_bias_init(self.n_heads, **self.dt_init, device=device))
+        A = torch.empty(self.n_heads, dtype=torch.float32, device=device).uniform_(*self.A_init_range)
+        self.A_log.copy_(torch.log(A))
+        self.D.fill_(1.0)
+
+    def init_state(self, batch_size: int, max_seqlen: int | None = None, *, device=None, dtype=None) -> SSMState:
+        """Zero state. dtype is the activation dtype (conv state); the ssm state uses ``state_dtype``.
+        max_seqlen is unused: the state does not grow."""
+        device = self.in_proj.weight.device if device is None else device
+        dtype = self.in_proj.weight.dtype if dtype is None else dtype
+        return SSMState(
+            conv=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(
+                batch_size, self.n_heads, self.head_dim, self.d_state, device=device, dtype=self.state_dtype
+            ),
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: SSMState | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (b, l, d_model) -> (b, l, d_model).
+
+        state: read as before x[:, 0], updated in place to after x[:, -1].
+        attention_mask: (b, l) left padding, 1 = real token; padded positions leave the state unchanged.
+        cu_seqlens: (n + 1,) boundaries of packed sequences in a batch-1 input; each starts fresh.
+        """
+        mask = check_inputs(self, x, self.d_model, state, SSMState, attention_mask, cu_seqlens)
+        if cu_seqlens is not None:
+            return run_packed(self._mix, x, cu_seqlens)
+        return self._mix(x, state, mask)
+
+    def _mix(self, x: torch.Tensor, state: SSMState | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, l, _ = x.shape
+        h, p, g, n = self.n_heads, self.head_dim, self.n_groups, self.d_state
+        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, h], dim=-1)
+        if mask is not None:
+            xbc = xbc * mask[..., None]
+        xbc = self.conv1d.conv(xbc, None if state is None else state.conv)
+        xs, B, C = xbc.split([self.d_inner, g * n, g * n], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias).clamp(*self.dt_limit)  # (b, l, h)
+        if mask is not None:
+            dt = dt * mask[..., None]  # dt = 0: no decay, no input
+            xs = xs * mask[..., None]
+        A = -torch.exp(self.A_log.float())
+        D = self.D.view(h, p) if self.D.numel() == self.d_inner else self.D
+        xs, B, C = xs.view(b, l, h, p), B.view(b, l, g, n), C.view(b, l, g, n)
+        if state is not None and l == 1:
+            y = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.ssm, D)[:, None]
+        else:
+            y, final = ssd_chunked(xs, dt, A, B, C, D, initial_state=None if state is None else state.ssm)
+            if state is not None:
+                state.ssm.copy_(final)
+        y = self.norm(y.reshape(b, l, self.d_inner), z)
+        return self.out_proj(y)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_inner={self.d_inner}, heads={self.n_heads}x{self.head_dim}, "
+            f"n_groups={self.n_groups}, d_state={self.d_state}"
+        )

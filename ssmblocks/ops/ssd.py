@@ -1,0 +1,127 @@
+"""SSD (Mamba2): the selective scan with one scalar decay per head, computed chunk by chunk.
+
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t B_t^T        h: (b, h, p, n)
+    y_t = h_t C_t + D * x_t,   then  y_t *= silu(z_t)
+
+Shapes: x, z: (b, l, h, p); dt: (b, l, h) (after softplus, bias and clamping); A: (h,);
+B, C: (b, l, g, n) with heads split evenly over g groups; D: (h,) or (h, p); state: (b, h, p, n).
+Every function returns ``y`` in x's dtype and computes in float32 (float64 when x is float64).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _finish(y, x, D, z):
+    """y, x: (b, l, h, p)."""
+    if D is not None:
+        y = y + x * (D[:, None] if D.dim() == 1 else D).to(y.dtype)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
+def ssd_ref(x, dt, A, B, C, D=None, z=None, initial_state=None):
+    """The recurrence above, one time step after another. Returns (y, final_state)."""
+    wd = _work_dtype(x)
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    state = x.new_zeros(b, h, p, n, dtype=wd) if initial_state is None else initial_state.to(wd)
+    xw, dt, A = x.to(wd), dt.to(wd), A.to(wd)
+    B = B.to(wd).repeat_interleave(h // g, dim=2)  # (b, l, h, n): head i reads group i // (h / g)
+    C = C.to(wd).repeat_interleave(h // g, dim=2)
+    ys = []
+    for t in range(l):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]  # (b, h, 1, 1)
+        state = decay * state + (dt[:, t, :, None] * xw[:, t])[..., None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+    y = _finish(torch.stack(ys, dim=1), xw, D, z)
+    return y.to(x.dtype), state
+
+
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """a: (..., c) -> (..., c, c) with out[..., i, j] = sum_{j < r <= i} a[r] for j <= i, else -inf.
+
+    Built from masked cumulative sums, never a difference of two long sums, so it keeps full precision.
+    """
+    c = a.shape[-1]
+    strict = torch.ones(c, c, dtype=torch.bool, device=a.device).tril(-1)
+    out = a[..., :, None].expand(*a.shape, c).masked_fill(~strict, 0).cumsum(-2)
+    return out.masked_fill(~strict.logical_or(torch.eye(c, dtype=torch.bool, device=a.device)), -torch.inf)
+
+
+def ssd_chunked(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: int = 64):
+    """The chunked SSD algorithm: quadratic inside a chunk, linear (state passing) across chunks.
+
+    Per chunk of c steps: (1) outputs from inputs of the same chunk through the masked decay matrix,
+    (2) each chunk's end state from its own inputs, (3) chunk start states by passing the state from
+    chunk to chunk, (4) outputs from the chunk start state. The tail is zero-padded with dt = 0, which
+    leaves the final state unchanged. Returns (y, final_state).
+    """
+    wd = _work_dtype(x)
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g
+    c = chunk_size
+    pad = -l % c
+    k = (l + pad) // c
+
+    def chunks(t):  # (b, l, ...) -> (b, k, c, ...)
+        t = F.pad(t.to(wd), (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.view(b, k, c, *t.shape[2:])
+
+    xw = x.to(wd)
+    xs = chunks(x).view(b, k, c, g, r, p)
+    dts = chunks(dt).view(b, k, c, g, r)
+    Bs, Cs = chunks(B), chunks(C)  # (b, k, c, g, n)
+    a = dts * A.to(wd).view(g, r)  # log decay per step, (b, k, c, g, r)
+    a_cum = a.cumsum(2)
+    xdt = xs * dts[..., None]  # (b, k, c, g, r, p)
+
+    # (1) intra-chunk: y_i = sum_{j<=i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j
+    decay_ij = torch.exp(_segsum(a.permute(0, 1, 3, 4, 2)))  # (b, k, g, r, c, c)
+    scores = torch.einsum("bkign,bkjgn->bkgij", Cs, Bs)[:, :, :, None] * decay_ij
+    y = torch.einsum("bkgrij,bkjgrp->bkigrp", scores, xdt)
+
+    # (2) each chunk's end state from its own inputs
+    to_end = torch.exp(a_cum[:, :, -1:] - a_cum)  # (b, k, c, g, r), <= 1
+    chunk_states = torch.einsum("bkjgn,bkjgrp->bkgrpn", Bs, xdt * to_end[..., None])
+
+    # (3) pass the state across chunks
+    state = x.new_zeros(b, g, r, p, n, dtype=wd) if initial_state is None else initial_state.to(wd).view(b, g, r, p, n)
+    chunk_decay = torch.exp(a_cum[:, :, -1])[..., None, None]  # (b, k, g, r, 1, 1)
+    starts = []
+    for i in range(k):
+        starts.append(state)
+        state = chunk_decay[:, i] * state + chunk_states[:, i]
+    starts = torch.stack(starts, dim=1)  # (b, k, g, r, p, n)
+
+    # (4) contribution of the chunk start state
+    y = y + torch.einsum("bkign,bkgrpn->bkigrp", Cs, starts) * torch.exp(a_cum)[..., None]
+
+    y = y.reshape(b, k * c, h, p)[:, :l]
+    y = _finish(y, xw, D, z)
+    return y.to(x.dtype), state.reshape(b, h, p, n)
+
+
+def ssd_step(x, dt, A, B, C, state, D=None, z=None):
+    """One token. x, z: (b, h, p); dt: (b, h); B, C: (b, g, n); state: (b, h, p, n), updated in place.
+
+    Returns y: (b, h, p).
+    """
+    wd = _work_dtype(x)
+    b, h, p = x.shape
+    g = B.shape[1]
+    xw, dt = x.to(wd), dt.to(wd)
+    B = B.to(wd).repeat_interleave(h // g, dim=1)  # (b, h, n)
+    C = C.to(wd).repeat_interleave(h // g, dim=1)
+    new = torch.exp(dt * A.to(wd))[..., None, None] * state.to(wd) + (dt[..., None] * xw)[..., None] * B[:, :, None]
+    state.copy_(new)
+    y = torch.einsum("bhpn,bhn->bhp", new, C)
+    return _finish(y[:, None], xw[:, None], D, None if z is None else z[:, None])[:, 0].to(x.dtype)

@@ -1,0 +1,92 @@
+"""The state protocol: one small state type per kind of layer.
+
+Every stateful layer has ``init_state(batch_size, max_seqlen=None, *, device=None, dtype=None)`` and a
+``forward(x, state=...)`` that reads the state as it was before ``x[:, 0]`` and updates it in place
+to after ``x[:, -1]``. Buffers are allocated once and written in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from .errors import StateError
+
+
+@dataclass
+class ConvState:
+    """State of a causal depthwise conv: the last ``k - 1`` inputs.
+
+    conv: (b, channels, k - 1), in the activation dtype.
+    """
+
+    conv: torch.Tensor
+
+
+@dataclass
+class SSMState:
+    """State of a selective-SSM mixer.
+
+    conv: (b, conv_channels, k - 1), activation dtype.
+    ssm:  (b, e, n) for SelectiveSSM; (b, h, p, n) for SSD. float32 unless ``state_dtype`` says otherwise.
+    """
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
+@dataclass
+class KVCache:
+    """Preallocated key/value cache of one attention layer, position-aware and padding-aware.
+
+    k, v:   (b, kv_heads, capacity, head_dim); slots ``[0, length)`` are filled.
+    valid:  (b, capacity) bool; False for slots written by padded (masked) tokens.
+    pos:    (b,) int64; number of real tokens each row has seen (its next RoPE position).
+    length: number of filled slots (the same for every row).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+    pos: torch.Tensor
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more slots, growing the buffers (doubling) if needed."""
+        need = self.length + n
+        if need <= self.capacity:
+            return
+        cap = max(need, 2 * self.capacity)
+        grow = cap - self.capacity
+        self.k = torch.nn.functional.pad(self.k, (0, 0, 0, grow))
+        self.v = torch.nn.functional.pad(self.v, (0, 0, 0, grow))
+        self.valid = torch.nn.functional.pad(self.valid, (0, grow))
+
+
+def check_state(state, kind: type, x: torch.Tensor, layer: str) -> None:
+    """Raise a StateError naming what does not fit: type, batch size, dtype or device."""
+    if not isinstance(state, kind):
+        raise StateError(f"{layer}: expected a {kind.__name__} state, got {type(state).__name__}")
+    batch = x.shape[0]
+    for f in fields(state):
+        t = getattr(state, f.name)
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.shape[0] != batch:
+            raise StateError(
+                f"{layer}: state.{f.name} was made for batch size {t.shape[0]}, but the input has batch size "
+                f"{batch}; call init_state({batch}) or select rows of the state"
+            )
+        if t.device != x.device:
+            raise StateError(f"{layer}: state.{f.name} is on {t.device}, the input on {x.device}")
+    activation = state.k if isinstance(state, KVCache) else state.conv
+    if activation.dtype != x.dtype:
+        raise StateError(
+            f"{layer}: state was made for dtype {activation.dtype}, but the input is {x.dtype}; "
+            f"call init_state(..., dtype={x.dtype})"
+        )
