@@ -55,11 +55,14 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_siz
     wd = _work_dtype(x)
     b, l, e = x.shape
     A, xw, dt, B, C = A.to(wd), x.to(wd), dt.to(wd), B.to(wd), C.to(wd)
-    h = x.new_zeros(b, e, A.shape[-1], dtype=wd) if initial_state is None else initial_state.to(wd)
+    h = x.new_zeros(b, e, A.shape[-1], dtype=wd) if initial_state is None else initial_state.to(wd, copy=True)
 
     pad = -l % chunk_size
     chunk_dt = F.pad(dt, (0, 0, 0, pad)).view(b, -1, chunk_size, e).sum(2)  # (b, l/c, e)
     factorised = bool((chunk_dt * A.abs().amax(-1)).amax() <= _FACTORISED_LIMIT)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, h))
+    if factorised and not grad:
+        return _finish(_scan_in_place(xw, dt, A, B, C, h, chunk_size), xw, D, z).to(x.dtype), h
 
     ys = []
     for s in range(0, l, chunk_size):
@@ -74,6 +77,27 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_siz
         h = states[:, -1]
     y = _finish(torch.cat(ys, dim=1), xw, D, z)
     return y.to(x.dtype), h
+
+
+def _scan_in_place(x, dt, A, B, C, h, chunk_size):
+    """The factorised chunk loop without autograd, in two reused buffers; h (b, e, n) is updated in place.
+
+    Same arithmetic as the autograd loop in selective_scan; returns the scan part of y, (b, l, e).
+    """
+    b, l, e = x.shape
+    decay = x.new_empty(b, chunk_size, e, A.shape[-1])
+    states = torch.empty_like(decay)
+    ys = []
+    for s in range(0, l, chunk_size):
+        dts = dt[:, s : s + chunk_size]
+        c = dts.shape[1]
+        d, u = decay[:, :c], states[:, :c]
+        torch.mul(dts.cumsum(1)[..., None], A, out=d).exp_()
+        torch.mul((dts * x[:, s : s + c])[..., None], B[:, s : s + c, None, :], out=u)
+        u.div_(d).cumsum_(1).add_(h[:, None]).mul_(d)
+        ys.append(torch.matmul(u, C[:, s : s + c, :, None])[..., 0])
+        h.copy_(u[:, -1])
+    return torch.cat(ys, dim=1)
 
 
 def _chunk_states_log_depth(decay, u, h):

@@ -1,0 +1,28 @@
+"""The README's snippets and the demo run as documented."""
+
+import re
+import runpy
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_snippets_run():
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks, "README has no python snippets"
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme_cmd = re.search(r"^(pip install .*pytest)\s", (ROOT / "README.md").read_text(), re.M).group(1)
+    assert readme_cmd in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("script", ["quickstart.py"])
+def test_example_runs(script, capsys):
+    runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
+    assert "decode" in capsys.readouterr().out
