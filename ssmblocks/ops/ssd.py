@@ -45,15 +45,13 @@ def ssd_ref(x, dt, A, B, C, D=None, z=None, initial_state=None):
     return y.to(x.dtype), state
 
 
-def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """a: (..., c) -> (..., c, c) with out[..., i, j] = sum_{j < r <= i} a[r] for j <= i, else -inf.
-
-    Built from masked cumulative sums, never a difference of two long sums, so it keeps full precision.
-    """
-    c = a.shape[-1]
-    strict = torch.ones(c, c, dtype=torch.bool, device=a.device).tril(-1)
-    out = a[..., :, None].expand(*a.shape, c).masked_fill(~strict, 0).cumsum(-2)
-    return out.masked_fill(~strict.logical_or(torch.eye(c, dtype=torch.bool, device=a.device)), -torch.inf)
+def _decay_matrix(a_cum: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a_cum: (..., c) cumulative log decays in float64 -> (..., c, c) with exp(a_cum[i] - a_cum[j]) for j <= i,
+    else 0. The differences are taken in float64, so they keep full precision however long the sums."""
+    c = a_cum.shape[-1]
+    diff = (a_cum[..., :, None] - a_cum[..., None, :]).to(dtype)
+    causal = torch.ones(c, c, dtype=torch.bool, device=a_cum.device).tril()
+    return torch.exp(diff.masked_fill_(~causal, -torch.inf))
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: int = 64):
@@ -80,17 +78,18 @@ def ssd_chunked(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: 
     xs = chunks(x).view(b, k, c, g, r, p)
     dts = chunks(dt).view(b, k, c, g, r)
     Bs, Cs = chunks(B), chunks(C)  # (b, k, c, g, n)
-    a = dts * A.to(wd).view(g, r)  # log decay per step, (b, k, c, g, r)
-    a_cum = a.cumsum(2)
+    # cumulative log decay inside each chunk, (b, k, c, g, r); float64 so that differences stay exact
+    a_cum64 = (dts.double() * A.double().view(g, r)).cumsum(2)
+    a_cum = a_cum64.to(wd)
     xdt = xs * dts[..., None]  # (b, k, c, g, r, p)
 
     # (1) intra-chunk: y_i = sum_{j<=i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j
-    decay_ij = torch.exp(_segsum(a.permute(0, 1, 3, 4, 2)))  # (b, k, g, r, c, c)
+    decay_ij = _decay_matrix(a_cum64.permute(0, 1, 3, 4, 2), wd)  # (b, k, g, r, c, c)
     scores = torch.einsum("bkign,bkjgn->bkgij", Cs, Bs)[:, :, :, None] * decay_ij
     y = torch.einsum("bkgrij,bkjgrp->bkigrp", scores, xdt)
 
     # (2) each chunk's end state from its own inputs
-    to_end = torch.exp(a_cum[:, :, -1:] - a_cum)  # (b, k, c, g, r), <= 1
+    to_end = torch.exp((a_cum64[:, :, -1:] - a_cum64).to(wd))  # (b, k, c, g, r), <= 1
     chunk_states = torch.einsum("bkjgn,bkjgrp->bkgrpn", Bs, xdt * to_end[..., None])
 
     # (3) pass the state across chunks
