@@ -50,9 +50,12 @@ class CausalConv1d(nn.Module):
         dtype = self.weight.dtype if dtype is None else dtype
         return ConvState(torch.zeros(batch_size, self.channels, self.kernel_size - 1, device=device, dtype=dtype))
 
-    def conv(self, x: torch.Tensor, conv_state: torch.Tensor | None = None) -> torch.Tensor:
-        """The convolution alone (no checks): x (b, l, channels); conv_state (b, channels, k-1) or None."""
-        return causal_conv1d(x, self.weight, self.bias, self.activation, conv_state)
+    def conv(
+        self, x: torch.Tensor, conv_state: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The convolution alone (no checks): x (b, l, channels); conv_state (b, channels, k-1) or None;
+        mask (b, l) bool left padding, whose padded inputs are skipped."""
+        return causal_conv1d(x, self.weight, self.bias, self.activation, conv_state, mask)
 
     def forward(
         self,
@@ -61,13 +64,11 @@ class CausalConv1d(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (b, l, channels) -> (b, l, channels). Padded positions (attention_mask 0) enter as zeros."""
+        """x: (b, l, channels) -> (b, l, channels). Padded positions (attention_mask 0) are skipped."""
         mask = check_inputs(self, x, self.channels, state, ConvState, attention_mask, cu_seqlens)
         if cu_seqlens is not None:
             return run_packed(self.conv, x, cu_seqlens)
-        if mask is not None:
-            x = x * mask[..., None]
-        return self.conv(x, None if state is None else state.conv)
+        return self.conv(x, None if state is None else state.conv, mask)
 
     def extra_repr(self) -> str:
         bias = self.bias is not None

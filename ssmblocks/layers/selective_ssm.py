@@ -109,9 +109,7 @@ class SelectiveSSM(KeepFloat32):
 
     def _mix(self, x: torch.Tensor, state: SSMState | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
-        if mask is not None:
-            xs = xs * mask[..., None]
-        xs = self.conv1d.conv(xs, None if state is None else state.conv)
+        xs = self.conv1d.conv(xs, None if state is None else state.conv, mask)
         if mask is not None:
             xs = xs * mask[..., None]
         dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)

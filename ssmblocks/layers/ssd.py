@@ -133,9 +133,7 @@ class SSD(KeepFloat32):
         b, l, _ = x.shape
         h, p, g, n = self.n_heads, self.head_dim, self.n_groups, self.d_state
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, h], dim=-1)
-        if mask is not None:
-            xbc = xbc * mask[..., None]
-        xbc = self.conv1d.conv(xbc, None if state is None else state.conv)
+        xbc = self.conv1d.conv(xbc, None if state is None else state.conv, mask)
         xs, B, C = xbc.split([self.d_inner, g * n, g * n], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias).clamp(*self.dt_limit)  # (b, l, h)
         if mask is not None:

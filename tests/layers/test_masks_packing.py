@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.helpers import assert_close
-from tests.layers.test_state_protocol import D_MODEL, MIXERS, SSM_MIXERS
+from tests.layers.test_state_protocol import D_MODEL, MIXERS
 
 FP32 = 1e-5  # fp32 paths that differ only in batching, padding and summation order
 
@@ -128,17 +128,7 @@ def test_chunked_prefill_with_a_chunk_entirely_padding(name):
     assert torch.isfinite(prefill).all()
 
 
-_CONV_STATE_SHIFTS = pytest.mark.xfail(
-    strict=True,
-    reason="padded positions are fed to the causal conv as zeros and shift the conv state, so padding after "
-    "real tokens (a left-padded continuation of a non-empty state) changes the state (DESIGN §3)",
-)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=_CONV_STATE_SHIFTS) if n in [*SSM_MIXERS, "causal_conv1d"] else n for n in MIXERS],
-)
+@pytest.mark.parametrize("name", list(MIXERS))
 def test_left_padded_continuation_of_a_state_matches_row_alone(name):
     """DESIGN: padded positions change no state. A second left-padded turn on top of a prefilled state
     (multi-turn batched chat) must give each row what it gets alone, with the padding dropped."""
