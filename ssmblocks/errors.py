@@ -33,3 +33,14 @@ def check_hidden(x, d_model: int, layer: str) -> None:
         raise ShapeError(f"{layer}: empty sequence (seqlen 0); pass at least one token")
     if x.shape[0] == 0:
         raise ShapeError(f"{layer}: empty batch (batch size 0)")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{layer}: expected floating-point hidden states, got {x.dtype}; token ids go through an embedding first"
+        )
+
+
+def check_positive(layer: str, **sizes: int) -> None:
+    """Raise a ValueError naming the first size that is not a positive integer."""
+    for field, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{layer}: {field} must be a positive integer, got {value!r}")

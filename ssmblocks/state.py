@@ -68,8 +68,11 @@ class KVCache:
         self.valid = torch.nn.functional.pad(self.valid, (0, grow))
 
 
-def check_state(state, kind: type, x: torch.Tensor, layer: str) -> None:
-    """Raise a StateError naming what does not fit: type, batch size, dtype or device."""
+def check_state(state, kind: type, x: torch.Tensor, layer: str, layout: dict) -> None:
+    """Raise a StateError naming what does not fit: type, batch size, dtype, device or layer shape.
+
+    layout: {field: (dims after batch, None = any size; required dtype or None)} as the layer made it.
+    """
     if not isinstance(state, kind):
         raise StateError(f"{layer}: expected a {kind.__name__} state, got {type(state).__name__}")
     batch = x.shape[0]
@@ -84,6 +87,16 @@ def check_state(state, kind: type, x: torch.Tensor, layer: str) -> None:
             )
         if t.device != x.device:
             raise StateError(f"{layer}: state.{f.name} is on {t.device}, the input on {x.device}")
+    for name, (dims, dtype) in layout.items():
+        t = getattr(state, name)
+        if t.dim() != len(dims) + 1 or any(d is not None and d != s for d, s in zip(dims, t.shape[1:], strict=False)):
+            expected = ", ".join("any" if d is None else str(d) for d in dims)
+            raise StateError(
+                f"{layer}: state.{name} has shape {tuple(t.shape)}, expected (batch, {expected}); "
+                "the state was made for a layer of another shape"
+            )
+        if dtype is not None and t.dtype != dtype:
+            raise StateError(f"{layer}: state.{name} has dtype {t.dtype}, but the layer keeps it in {dtype}")
     activation = state.k if isinstance(state, KVCache) else state.conv
     if activation.dtype != x.dtype:
         raise StateError(

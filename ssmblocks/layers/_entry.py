@@ -32,5 +32,5 @@ def check_inputs(
         check_cu_seqlens(cu_seqlens, x, name)
         return None
     if state is not None:
-        check_state(state, state_type, x, name)
+        check_state(state, state_type, x, name, layer.state_layout())
     return None if attention_mask is None else check_attention_mask(attention_mask, x, name)

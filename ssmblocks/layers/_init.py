@@ -15,11 +15,17 @@ def dt_bias_init(size: int, dt_min: float, dt_max: float, dt_init_floor: float, 
     return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32, or float64 when it already is."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class KeepFloat32(nn.Module):
-    """Mixin: the parameters named in ``_keep_float32`` stay float32 when the module is cast.
+    """Mixin: the parameters named in ``_keep_float32`` never drop below float32 when the module is cast.
 
     ``layer.to(torch.bfloat16)`` (or ``.half()``, ``.bfloat16()``) moves them to the new device but keeps
-    their float32 values, as the official Mamba checkpoints keep A_log, D and dt_bias.
+    their float32 values, as the official Mamba checkpoints keep A_log, D and dt_bias; ``.double()``
+    promotes them like every other parameter.
     """
 
     _keep_float32: tuple[str, ...] = ()
@@ -29,6 +35,7 @@ class KeepFloat32(nn.Module):
         super()._apply(fn, recurse)
         for name, old in before.items():
             param = getattr(self, name)
-            if old.dtype == torch.float32 and param.dtype != torch.float32 and param.is_floating_point():
+            lowered = param.is_floating_point() and torch.finfo(param.dtype).bits < torch.finfo(old.dtype).bits
+            if old.dtype == torch.float32 and lowered:
                 param.data = old.to(param.device)
         return self

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import check_positive
 from ..ops.packing import run_packed
 from ..state import KVCache
 from ._entry import check_inputs
@@ -54,8 +55,11 @@ class Attention(nn.Module):
     ):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
-            raise ValueError(f"Attention: n_kv_heads={n_kv_heads} must be positive and divide n_heads={n_heads}")
+        check_positive("Attention", d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads)
+        if head_dim is not None:
+            check_positive("Attention", head_dim=head_dim)
+        if n_heads % n_kv_heads:
+            raise ValueError(f"Attention: n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
         if head_dim is None:
             if d_model % n_heads:
                 raise ValueError(f"Attention: n_heads={n_heads} must divide d_model={d_model} (or give head_dim)")
@@ -83,6 +87,11 @@ class Attention(nn.Module):
             valid=torch.zeros(batch_size, cap, device=device, dtype=torch.bool),
             pos=torch.zeros(batch_size, device=device, dtype=torch.long),
         )
+
+    def state_layout(self) -> dict:
+        """Shape (after batch) and dtype of each state field, for checking a state handed in."""
+        kv = ((self.n_kv_heads, None, self.head_dim), None)
+        return {"k": kv, "v": kv, "valid": ((None,), torch.bool), "pos": ((), None)}
 
     def forward(
         self,

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import check_positive
 from ..ops.conv import causal_conv1d
 from ..ops.packing import run_packed
 from ..state import ConvState
@@ -30,6 +31,7 @@ class CausalConv1d(nn.Module):
         dtype=None,
     ):
         super().__init__()
+        check_positive("CausalConv1d", channels=channels, kernel_size=kernel_size)
         if activation not in (None, "silu"):
             raise ValueError(f"CausalConv1d: activation must be None or 'silu', got {activation!r}")
         self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
@@ -49,6 +51,10 @@ class CausalConv1d(nn.Module):
         device = self.weight.device if device is None else device
         dtype = self.weight.dtype if dtype is None else dtype
         return ConvState(torch.zeros(batch_size, self.channels, self.kernel_size - 1, device=device, dtype=dtype))
+
+    def state_layout(self) -> dict:
+        """Shape (after batch) and dtype of each state field, for checking a state handed in."""
+        return {"conv": ((self.channels, self.kernel_size - 1), None)}
 
     def conv(
         self, x: torch.Tensor, conv_state: torch.Tensor | None = None, mask: torch.Tensor | None = None

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ShapeError
+from ..errors import ShapeError, check_positive
 
 
 class SwiGLU(nn.Module):
@@ -14,6 +14,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, hidden_dim: int, bias: bool = False, device=None, dtype=None):
         super().__init__()
+        check_positive("SwiGLU", d_model=d_model, hidden_dim=hidden_dim)
         self.d_model, self.hidden_dim = d_model, hidden_dim
         kw = {"device": device, "dtype": dtype}
         self.gate_proj = nn.Linear(d_model, hidden_dim, bias=bias, **kw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ShapeError
+from ..errors import ShapeError, check_positive
 from ..ops.norm import gated_rms_norm, rms_norm
 
 
@@ -19,6 +19,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
+        check_positive("RMSNorm", dim=dim)
         self.dim, self.eps = dim, eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
@@ -51,11 +52,15 @@ class GatedRMSNorm(nn.Module):
         dtype=None,
     ):
         super().__init__()
+        check_positive("GatedRMSNorm", dim=dim)
         group_size = dim if group_size is None else group_size
         if group_size <= 0 or dim % group_size:
             raise ValueError(f"GatedRMSNorm: group_size={group_size} must divide dim={dim}")
         self.dim, self.eps, self.group_size, self.norm_before_gate = dim, eps, group_size, norm_before_gate
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def init_state(self, batch_size: int, max_seqlen: int | None = None, *, device=None, dtype=None) -> None:
+        return None
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__

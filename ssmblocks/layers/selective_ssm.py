@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import check_positive
 from ..ops.packing import run_packed
 from ..ops.selective_scan import selective_scan, selective_scan_step
 from ..state import SSMState
 from ._entry import check_inputs
-from ._init import KeepFloat32, dt_bias_init
+from ._init import KeepFloat32, at_least_float32, dt_bias_init
 from .conv import CausalConv1d
 
 
@@ -45,12 +46,12 @@ class SelectiveSSM(KeepFloat32):
         dtype=None,
     ):
         super().__init__()
-        for field, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
-            if value <= 0:
-                raise ValueError(f"SelectiveSSM: {field} must be positive, got {value}")
+        check_positive("SelectiveSSM", d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand)
+        if dt_rank != "auto":
+            check_positive("SelectiveSSM", dt_rank=dt_rank)
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.state_dtype = state_dtype
         kw = {"device": device, "dtype": dtype}
         e, n, r = self.d_inner, d_state, self.dt_rank
@@ -89,6 +90,13 @@ class SelectiveSSM(KeepFloat32):
             ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=self.state_dtype),
         )
 
+    def state_layout(self) -> dict:
+        """Shape (after batch) and dtype of each state field, for checking a state handed in."""
+        return {
+            "conv": ((self.d_inner, self.d_conv - 1), None),
+            "ssm": ((self.d_inner, self.d_state), self.state_dtype),
+        }
+
     def forward(
         self,
         x: torch.Tensor,
@@ -113,10 +121,10 @@ class SelectiveSSM(KeepFloat32):
         if mask is not None:
             xs = xs * mask[..., None]
         dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(dt).float())  # (b, l, e)
+        dt = F.softplus(at_least_float32(self.dt_proj(dt)))  # (b, l, e)
         if mask is not None:
             dt = dt * mask[..., None]  # dt = 0: no decay, no input
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log)
         if state is not None and x.shape[1] == 1:
             y = selective_scan_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.ssm, self.D, z[:, 0])[:, None]
         else:

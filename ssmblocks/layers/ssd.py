@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import check_positive
 from ..ops.packing import run_packed
 from ..ops.ssd import ssd_chunked, ssd_step
 from ..state import SSMState
 from ._entry import check_inputs
-from ._init import KeepFloat32, dt_bias_init
+from ._init import KeepFloat32, at_least_float32, dt_bias_init
 from .conv import CausalConv1d
 from .norm import GatedRMSNorm
 
@@ -54,17 +55,16 @@ class SSD(KeepFloat32):
         dtype=None,
     ):
         super().__init__()
-        for field, value in (
-            ("d_model", d_model),
-            ("d_state", d_state),
-            ("d_conv", d_conv),
-            ("expand", expand),
-            ("head_dim", head_dim),
-            ("n_groups", n_groups),
-            ("chunk_size", chunk_size),
-        ):
-            if value <= 0:
-                raise ValueError(f"SSD: {field} must be positive, got {value}")
+        check_positive(
+            "SSD",
+            d_model=d_model,
+            d_state=d_state,
+            d_conv=d_conv,
+            expand=expand,
+            head_dim=head_dim,
+            n_groups=n_groups,
+            chunk_size=chunk_size,
+        )
         e = expand * d_model
         if e % head_dim:
             raise ValueError(f"SSD: head_dim={head_dim} must divide d_inner = expand * d_model = {e}")
@@ -111,6 +111,11 @@ class SSD(KeepFloat32):
             ),
         )
 
+    def state_layout(self) -> dict:
+        """Shape (after batch) and dtype of each state field, for checking a state handed in."""
+        ssm = (self.n_heads, self.head_dim, self.d_state)
+        return {"conv": ((self.conv_dim, self.d_conv - 1), None), "ssm": (ssm, self.state_dtype)}
+
     def forward(
         self,
         x: torch.Tensor,
@@ -135,11 +140,11 @@ class SSD(KeepFloat32):
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, h], dim=-1)
         xbc = self.conv1d.conv(xbc, None if state is None else state.conv, mask)
         xs, B, C = xbc.split([self.d_inner, g * n, g * n], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias).clamp(*self.dt_limit)  # (b, l, h)
+        dt = F.softplus(at_least_float32(dt) + self.dt_bias).clamp(*self.dt_limit)  # (b, l, h)
         if mask is not None:
             dt = dt * mask[..., None]  # dt = 0: no decay, no input
             xs = xs * mask[..., None]
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log)
         D = self.D.view(h, p) if self.D.numel() == self.d_inner else self.D
         xs, B, C = xs.view(b, l, h, p), B.view(b, l, g, n), C.view(b, l, g, n)
         if state is not None and l == 1:

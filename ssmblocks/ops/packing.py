@@ -16,7 +16,12 @@ from ..errors import ShapeError
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, x: torch.Tensor, layer: str) -> None:
     """cu_seqlens: (n + 1,) integer, starts at 0, strictly increasing, ends at x.shape[1]; x batch 1."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+    if (
+        not isinstance(cu_seqlens, torch.Tensor)
+        or cu_seqlens.dim() != 1
+        or cu_seqlens.is_floating_point()
+        or cu_seqlens.dtype == torch.bool
+    ):
         raise ShapeError(f"{layer}: cu_seqlens must be a 1-D integer tensor (n_seqs + 1,)")
     if x.shape[0] != 1:
         raise ShapeError(f"{layer}: packed input (cu_seqlens) must have batch size 1, got {x.shape[0]}")
@@ -35,10 +40,14 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, x: torch.Tensor, layer: str) -> N
 
 def check_attention_mask(mask: torch.Tensor, x: torch.Tensor, layer: str) -> torch.Tensor:
     """Validate a left-padding mask (b, l), 1 = real token; return it as bool."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{layer}: attention_mask must be a tensor (batch, seqlen), got {type(mask).__name__}")
     if mask.shape != x.shape[:2]:
         raise ShapeError(
             f"{layer}: attention_mask has shape {tuple(mask.shape)}, expected (batch, seqlen) = {tuple(x.shape[:2])}"
         )
+    if mask.dtype != torch.bool and ((mask != 0) & (mask != 1)).any():
+        raise ShapeError(f"{layer}: attention_mask must hold only 0 (padding) and 1 (real token)")
     mask = mask.to(device=x.device, dtype=torch.bool)
     if (mask[:, :-1] & ~mask[:, 1:]).any():
         raise ShapeError(

@@ -53,9 +53,6 @@ def test_input_not_a_tensor(mixer):
         mixer([[0.0] * D_MODEL])
 
 
-@pytest.mark.xfail(
-    strict=True, reason="integer input (token ids passed to a layer) fails inside F.linear/F.conv1d with a RuntimeError"
-)
 def test_integer_input(mixer):
     with raises(TypeError, mixer, "floating"):
         mixer(torch.ones(2, 5, D_MODEL, dtype=torch.long))
@@ -130,12 +127,6 @@ MISFIT_STATES = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_state checks only the batch size, device and dtype of a state, not its other dimensions: a state "
-    "made for a layer of another shape (or a SelectiveSSM state given to SSD, both SSMState) fails later with a "
-    "RuntimeError from cat/einsum/copy",
-)
 @pytest.mark.parametrize("case", MISFIT_STATES)
 @pytest.mark.parametrize("seqlen", [1, 5], ids=["decode", "prefill"])
 def test_state_made_for_a_layer_of_another_shape(case, seqlen):
@@ -228,7 +219,6 @@ def test_attention_mask_not_left_padded_with_state(mixer):
         mixer(torch.randn(2, 5, D_MODEL), state=mixer.init_state(2, 8), attention_mask=mask)
 
 
-@pytest.mark.xfail(strict=True, reason="an attention_mask that is not a tensor fails with AttributeError on .shape")
 def test_attention_mask_not_a_tensor(mixer):
     with raises(TypeError, mixer, "attention_mask"):
         mixer(torch.randn(2, 5, D_MODEL), attention_mask=[[1] * 5] * 2)
@@ -275,37 +265,28 @@ def test_causal_conv1d_bad_activation(activation):
         CausalConv1d(16, activation=activation)
 
 
-@pytest.mark.xfail(strict=True, reason="int('big') raises a bare ValueError that names neither the layer nor dt_rank")
 def test_selective_ssm_bad_dt_rank_string():
     with pytest.raises(ValueError, match=r"^SelectiveSSM: dt_rank"):
         SelectiveSSM(16, dt_rank="big")
 
 
-_NO_SIZE_CHECK = "the constructor does not check that this size is positive"
 SIZES = {
-    "selective_ssm": (SelectiveSSM, {"d_model": 16}, ["d_model", "d_state", "d_conv", "expand"]),
+    "selective_ssm": (SelectiveSSM, {"d_model": 16}, ["d_model", "d_state", "d_conv", "expand", "dt_rank"]),
     "ssd": (SSD, {"d_model": 16, "head_dim": 8}, ["d_model", "d_state", "d_conv", "expand", "head_dim", "n_groups"]),
     "ssd_chunk": (SSD, {"d_model": 16, "head_dim": 8}, ["chunk_size"]),
-    "attention": (Attention, {"d_model": 16, "n_heads": 4}, ["n_kv_heads"]),
-}
-# sizes the constructors accept or fail on without a clear ValueError (each xfail below is a library bug)
-UNCHECKED_SIZES = {
-    "selective_ssm_dt_rank": (SelectiveSSM, {"d_model": 16}, ["dt_rank"]),  # ZeroDivisionError / RuntimeError
-    "attention_n_heads": (Attention, {"d_model": 16, "n_heads": 4}, ["n_heads"]),  # message blames n_kv_heads
-    "attention_sizes": (Attention, {"d_model": 16, "n_heads": 4}, ["d_model", "head_dim"]),  # accepted
-    "causal_conv1d": (CausalConv1d, {"channels": 16}, ["channels", "kernel_size"]),  # accepted / ZeroDivisionError
-    "rms_norm": (RMSNorm, {"dim": 16}, ["dim"]),  # accepted
-    "gated_rms_norm": (GatedRMSNorm, {"dim": 16}, ["dim"]),  # message blames group_size
-    "swiglu": (SwiGLU, {"d_model": 16, "hidden_dim": 32}, ["d_model", "hidden_dim"]),  # accepted
+    "attention": (Attention, {"d_model": 16, "n_heads": 4}, ["d_model", "n_heads", "n_kv_heads", "head_dim"]),
+    "causal_conv1d": (CausalConv1d, {"channels": 16}, ["channels", "kernel_size"]),
+    "rms_norm": (RMSNorm, {"dim": 16}, ["dim"]),
+    "gated_rms_norm": (GatedRMSNorm, {"dim": 16}, ["dim"]),
+    "swiglu": (SwiGLU, {"d_model": 16, "hidden_dim": 32}, ["d_model", "hidden_dim"]),
 }
 
 
 def _size_cases():
-    for table, marks in ((SIZES, ()), (UNCHECKED_SIZES, (pytest.mark.xfail(strict=True, reason=_NO_SIZE_CHECK),))):
-        for key, (cls, base, fields) in table.items():
-            for field in fields:
-                for value in (0, -1):
-                    yield pytest.param(cls, base, field, value, marks=marks, id=f"{key}-{field}={value}")
+    for key, (cls, base, fields) in SIZES.items():
+        for field in fields:
+            for value in (0, -1):
+                yield pytest.param(cls, base, field, value, id=f"{key}-{field}={value}")
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
@@ -340,3 +321,26 @@ def test_gated_rms_norm_gate_shape_mismatch():
     layer = GatedRMSNorm(16)
     with raises(ShapeError, layer, re.escape("gate z has shape (2, 3, 8), x has (2, 3, 16)")):
         layer(torch.randn(2, 3, 16), torch.randn(2, 3, 8))
+
+
+# ---------------------------------------------------------------------------------------------- value checks
+
+
+def test_attention_mask_values_not_zero_or_one(mixer):
+    mask = torch.tensor([[0, 2, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with raises(ShapeError, mixer, r"only 0 \(padding\) and 1"):
+        mixer(torch.randn(2, 5, D_MODEL), attention_mask=mask)
+
+
+def test_cu_seqlens_bool(mixer):
+    with raises(ShapeError, mixer, "1-D integer tensor"):
+        mixer(torch.randn(1, 2, D_MODEL), cu_seqlens=torch.tensor([False, True]))
+
+
+@pytest.mark.parametrize("name", ["selective_ssm", "ssd"])
+def test_ssm_state_in_another_dtype_than_state_dtype(name):
+    layer = MIXERS[name]()
+    state = layer.init_state(2)
+    state.ssm = state.ssm.to(torch.float16)
+    with raises(StateError, layer, r"state\.ssm has dtype torch.float16, but the layer keeps it in torch.float32"):
+        layer(torch.randn(2, 3, D_MODEL), state=state)

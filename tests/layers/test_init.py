@@ -140,11 +140,6 @@ def test_layer_built_in_bf16_has_float32_ssm_parameters(layer_name):
     assert torch.equal(layer.D.detach(), torch.ones_like(layer.D))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KeepFloat32 pins A_log/D/dt_bias to float32 on every cast, including .double(), so a float64 layer "
-    "keeps float32 SSM parameters (no float64 gradcheck of them); only casts to lower precision should keep them",
-)
 @pytest.mark.parametrize("layer_name", KEEP_FLOAT32)
 def test_double_cast_promotes_ssm_parameters(layer_name):
     make, kept = KEEP_FLOAT32[layer_name]
