@@ -103,3 +103,60 @@ def check_state(state, kind: type, x: torch.Tensor, layer: str, layout: dict) ->
             f"{layer}: state was made for dtype {activation.dtype}, but the input is {x.dtype}; "
             f"call init_state(..., dtype={x.dtype})"
         )
+
+
+# Fields that hold activations (they follow a dtype change); the others keep their dtype.
+_ACTIVATION_FIELDS = {"conv", "k", "v"}
+
+
+def map_state(state, fn):
+    """Apply ``fn(field_name, tensor) -> tensor`` to every tensor of a layer state (tuples recurse)."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(map_state(s, fn) for s in state)
+    values = {f.name: getattr(state, f.name) for f in fields(state)}
+    return type(state)(**{k: fn(k, v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+
+
+@dataclass
+class ModelState:
+    """The states of all layers of a model, in order (None for stateless layers; a tuple for a block of
+    parallel mixers), plus ``offset``: how many tokens the model has consumed."""
+
+    layers: list
+    offset: int = 0
+
+    def clone(self) -> ModelState:
+        """An independent copy, to continue one prefix in several ways."""
+        return ModelState([map_state(s, lambda _, t: t.clone()) for s in self.layers], self.offset)
+
+    def select(self, indices: torch.Tensor | list[int]) -> ModelState:
+        """A state of the batch rows ``indices`` in that order (reorder beams, drop finished rows)."""
+
+        def pick(_, t):
+            index = torch.as_tensor(indices, device=t.device, dtype=torch.long)
+            if index.numel() and (index.min() < -t.shape[0] or index.max() >= t.shape[0]):
+                raise StateError(f"select: row index out of range for batch size {t.shape[0]}")
+            return t.index_select(0, index)
+
+        return ModelState([map_state(s, pick) for s in self.layers], self.offset)
+
+    def to(self, device=None, dtype=None) -> ModelState:
+        """Move to ``device``; cast the activation buffers (conv, k, v) to ``dtype``. The SSM state keeps
+        its own dtype (float32 unless the layer's state_dtype says otherwise)."""
+
+        def move(name, t):
+            cast = dtype if name in _ACTIVATION_FIELDS and dtype is not None else t.dtype
+            return t.to(device=device if device is not None else t.device, dtype=cast)
+
+        return ModelState([map_state(s, move) for s in self.layers], self.offset)
+
+    @property
+    def batch_size(self) -> int:
+        for s in self.layers:
+            while isinstance(s, tuple):
+                s = s[0] if s else None
+            if s is not None:
+                return getattr(s, fields(s)[0].name).shape[0]
+        raise StateError("ModelState has no layer with a state")

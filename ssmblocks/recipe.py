@@ -1,0 +1,273 @@
+"""Recipes: declarative, validated descriptions of a model (pydantic v2), the same as YAML on disk.
+
+A recipe names its mixers once (``mixers: {m: {kind: ssd, ...}, a: {kind: attention, ...}}``) and says
+which one each layer uses with a ``pattern``, in any of these forms, all normalised to one explicit list
+(``recipe.layers``):
+
+- an explicit list:           ``[m, m, a, m]``
+- a pattern string:           ``"m*3 a"``, groups ``"(m*3 a)*4"``, or one letter per layer ``"mmma"``
+- a default with overrides:   ``{default: m, at: {9: a, 18: a}}``           (Bamba's attn_layer_indices)
+- a default with a period:    ``{default: m, every: 8, offset: 4, use: a}``  (Jamba's period/offset)
+
+A ``parallel`` mixer runs several named mixers side by side on the same normed input and sums their
+outputs (Falcon-H1 style). Any mix of kinds is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SelectiveSSMSpec(_Spec):
+    """Mamba1 mixer (ssmblocks.SelectiveSSM)."""
+
+    kind: Literal["selective_ssm"]
+    d_state: PositiveInt = Field(16, description="state size n per channel")
+    d_conv: PositiveInt = Field(4, description="causal conv width")
+    expand: PositiveInt = Field(2, description="inner width e = expand * d_model")
+    dt_rank: PositiveInt | Literal["auto"] = Field("auto", description="rank of the dt projection; auto = ceil(d/16)")
+    dt_min: PositiveFloat = 0.001
+    dt_max: PositiveFloat = 0.1
+    dt_init_floor: PositiveFloat = 1e-4
+    conv_bias: bool = True
+    bias: bool = Field(False, description="bias in in_proj and out_proj")
+
+
+class SSDSpec(_Spec):
+    """Mamba2 mixer (ssmblocks.SSD)."""
+
+    kind: Literal["ssd"]
+    d_state: PositiveInt = Field(128, description="state size n per head")
+    d_conv: PositiveInt = 4
+    expand: PositiveInt = 2
+    head_dim: PositiveInt = 64
+    n_groups: PositiveInt = Field(1, description="groups of B and C, each shared by heads / n_groups heads")
+    chunk_size: PositiveInt = 256
+    dt_min: PositiveFloat = 0.001
+    dt_max: PositiveFloat = 0.1
+    dt_init_floor: PositiveFloat = 1e-4
+    dt_limit: tuple[float, float] = Field((0.0, math.inf), description="clamp of dt after softplus")
+    D_has_hdim: bool = False
+    norm_before_gate: bool = False
+    norm_eps: PositiveFloat = 1e-5
+    conv_bias: bool = True
+    bias: bool = False
+
+
+class AttentionSpec(_Spec):
+    """Causal grouped-query attention with RoPE (ssmblocks.Attention)."""
+
+    kind: Literal["attention"]
+    n_heads: PositiveInt
+    n_kv_heads: PositiveInt | None = Field(None, description="key/value heads; None = n_heads")
+    head_dim: PositiveInt | None = Field(None, description="None = d_model / n_heads")
+    rope_theta: PositiveFloat = 10000.0
+    rotary_fraction: float = Field(1.0, ge=0.0, le=1.0, description="share of each head's dims that RoPE rotates")
+    bias: bool = False
+
+
+class ParallelSpec(_Spec):
+    """Several named mixers on the same normed input, outputs summed (Falcon-H1 style)."""
+
+    kind: Literal["parallel"]
+    mixers: list[str] = Field(min_length=2, description="names of other (non-parallel) mixers of this recipe")
+
+
+MixerSpec = Annotated[SelectiveSSMSpec | SSDSpec | AttentionSpec | ParallelSpec, Field(discriminator="kind")]
+
+
+class SwiGLUSpec(_Spec):
+    kind: Literal["swiglu"] = "swiglu"
+    hidden_dim: PositiveInt
+    bias: bool = False
+
+
+class NormSpec(_Spec):
+    kind: Literal["rmsnorm"] = "rmsnorm"
+    eps: PositiveFloat = 1e-5
+
+
+class PatternOverrides(_Spec):
+    """Every layer uses ``default`` except the layers listed in ``at`` (index -> mixer)."""
+
+    default: str
+    at: dict[int, str] = Field(default_factory=dict)
+
+
+class PatternPeriodic(_Spec):
+    """Layer i uses ``use`` when i % every == offset, else ``default``."""
+
+    default: str
+    every: PositiveInt
+    offset: int = Field(0, ge=0)
+    use: str
+
+    @model_validator(mode="after")
+    def _offset_below_period(self):
+        if self.offset >= self.every:
+            raise ValueError(f"offset={self.offset} must be smaller than every={self.every}")
+        return self
+
+
+Pattern = str | list[str] | PatternOverrides | PatternPeriodic
+
+
+class Recipe(_Spec):
+    """A whole causal LM: embedding -> n_layers pre-norm residual blocks -> final norm -> LM head."""
+
+    name: str = Field(description="a name for humans")
+    vocab_size: PositiveInt
+    pad_vocab_size_multiple: PositiveInt = Field(1, description="embedding rows are padded up to a multiple")
+    d_model: PositiveInt
+    n_layers: PositiveInt
+    tie_embeddings: bool = True
+    residual_in_fp32: bool = Field(True, description="keep the residual stream in float32")
+    norm: NormSpec = Field(default_factory=NormSpec)
+    mixers: dict[str, MixerSpec] = Field(min_length=1, description="named mixer specs that the pattern uses")
+    mlp: SwiGLUSpec | None = Field(None, description="MLP after each mixer; null = Mamba-style blocks")
+    pattern: Pattern = Field(description="which mixer each layer uses (see the module docstring)")
+
+    @field_validator("mixers")
+    @classmethod
+    def _mixer_names(cls, mixers: dict) -> dict:
+        for name in mixers:
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"mixer name {name!r} must be an identifier (letters, digits, _)")
+        return mixers
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name, spec in self.mixers.items():
+            _check_mixer(f"mixers.{name}", spec, self.d_model, self.mixers)
+        layers = self.layers
+        if len(layers) != self.n_layers:
+            raise ValueError(f"pattern gives {len(layers)} layers, but n_layers={self.n_layers}")
+        return self
+
+    @property
+    def layers(self) -> list[str]:
+        """The mixer name of every layer, in order."""
+        return expand_pattern(self.pattern, self.mixers, self.n_layers)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return -(-self.vocab_size // m) * m
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | Path) -> Recipe:
+        """Load from a YAML file path or from YAML text."""
+        text = str(path_or_text)
+        if isinstance(path_or_text, Path) or ("\n" not in text and Path(text).is_file()):
+            text = Path(text).read_text()
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"a recipe must be a YAML mapping, got {type(data).__name__}")
+        return cls.model_validate(data)
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        data = {"name": self.name, **data}
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _check_mixer(path: str, spec, d_model: int, mixers: dict) -> None:
+    if isinstance(spec, AttentionSpec):
+        kv = spec.n_kv_heads or spec.n_heads
+        if spec.n_heads % kv:
+            raise ValueError(f"{path}.n_kv_heads={kv} must divide {path}.n_heads={spec.n_heads}")
+        if spec.head_dim is None and d_model % spec.n_heads:
+            raise ValueError(f"{path}.n_heads={spec.n_heads} must divide d_model={d_model} (or set {path}.head_dim)")
+    elif isinstance(spec, SSDSpec):
+        inner = spec.expand * d_model
+        if inner % spec.head_dim:
+            raise ValueError(f"{path}.head_dim={spec.head_dim} must divide expand * d_model = {inner}")
+        if (inner // spec.head_dim) % spec.n_groups:
+            raise ValueError(
+                f"{path}.n_groups={spec.n_groups} must divide the number of heads {inner // spec.head_dim}"
+            )
+        if spec.dt_limit[0] < 0 or spec.dt_limit[0] > spec.dt_limit[1]:
+            raise ValueError(f"{path}.dt_limit={spec.dt_limit} must be (low, high) with 0 <= low <= high")
+    elif isinstance(spec, ParallelSpec):
+        for i, member in enumerate(spec.mixers):
+            if member not in mixers:
+                raise ValueError(f"{path}.mixers[{i}]={member!r} is not a mixer of this recipe ({sorted(mixers)})")
+            if isinstance(mixers[member], ParallelSpec):
+                raise ValueError(f"{path}.mixers[{i}]={member!r} is itself parallel; nest mixers one level only")
+    if not isinstance(spec, ParallelSpec) and hasattr(spec, "dt_min") and spec.dt_min > spec.dt_max:
+        raise ValueError(f"{path}.dt_min={spec.dt_min} must not exceed {path}.dt_max={spec.dt_max}")
+
+
+def expand_pattern(pattern: Pattern, mixers: dict, n_layers: int) -> list[str]:
+    """Normalise any pattern form into one mixer name per layer; errors name the bad entry."""
+
+    def known(name: str, where: str) -> str:
+        if name not in mixers:
+            raise ValueError(f"{where} names mixer {name!r}, which is not defined in mixers ({sorted(mixers)})")
+        return name
+
+    if isinstance(pattern, str):
+        return _parse_pattern_string(pattern, mixers, known)
+    if isinstance(pattern, list):
+        return [known(name, f"pattern[{i}]") for i, name in enumerate(pattern)]
+    if isinstance(pattern, PatternOverrides):
+        layers = [known(pattern.default, "pattern.default")] * n_layers
+        for i, name in sorted(pattern.at.items()):
+            if not 0 <= i < n_layers:
+                raise ValueError(f"pattern.at has layer index {i}, outside 0..{n_layers - 1}")
+            layers[i] = known(name, f"pattern.at[{i}]")
+        return layers
+    default, use = known(pattern.default, "pattern.default"), known(pattern.use, "pattern.use")
+    return [use if i % pattern.every == pattern.offset else default for i in range(n_layers)]
+
+
+def _parse_pattern_string(text: str, mixers: dict, known) -> list[str]:
+    """Grammar: seq := item*; item := (NAME | '(' seq ')') ['*' COUNT]. A NAME that is not a mixer but
+    spells single-letter mixer names ("mmma") means one layer per letter."""
+    tokens = re.findall(r"[A-Za-z_][A-Za-z0-9_]*|\d+|\S", text)
+    pos = 0
+
+    def parse_seq(depth: int) -> list[str]:
+        nonlocal pos
+        out: list[str] = []
+        while pos < len(tokens) and tokens[pos] != ")":
+            tok = tokens[pos]
+            pos += 1
+            if tok == "(":
+                item = parse_seq(depth + 1)
+                if pos >= len(tokens) or tokens[pos] != ")":
+                    raise ValueError(f"pattern {text!r}: '(' without a matching ')'")
+                pos += 1
+            elif _NAME.fullmatch(tok):
+                if tok in mixers or len(tok) == 1:
+                    item = [known(tok, f"pattern {text!r}")]
+                else:
+                    item = [known(ch, f"pattern {text!r} (read letter by letter)") for ch in tok]
+            else:
+                raise ValueError(f"pattern {text!r}: unexpected {tok!r}")
+            if pos < len(tokens) and tokens[pos] == "*":
+                if pos + 1 >= len(tokens) or not tokens[pos + 1].isdigit() or int(tokens[pos + 1]) == 0:
+                    raise ValueError(f"pattern {text!r}: '*' must be followed by a positive count")
+                item = item * int(tokens[pos + 1])
+                pos += 2
+            out.extend(item)
+        if depth == 0 and pos < len(tokens):
+            raise ValueError(f"pattern {text!r}: ')' without a matching '('")
+        return out
+
+    layers = parse_seq(0)
+    if not layers:
+        raise ValueError("pattern is empty")
+    return layers
