@@ -41,20 +41,26 @@ class KVCache:
     """Preallocated key/value cache of one attention layer, position-aware and padding-aware.
 
     k, v:   (b, kv_heads, capacity, head_dim); slots ``[0, length)`` are filled.
-    valid:  (b, capacity) bool; False for slots written by padded (masked) tokens.
+    valid:  (b, capacity) bool; False for empty slots and slots written by padded (masked) tokens.
     pos:    (b,) int64; number of real tokens each row has seen (its next RoPE position).
-    length: number of filled slots (the same for every row).
+    cursor: (b,) int64; number of filled slots, the same in every row. Kept on the device so that a
+            one-token step never reads it on the host (the step can be captured in a CUDA graph).
     """
 
     k: torch.Tensor
     v: torch.Tensor
     valid: torch.Tensor
     pos: torch.Tensor
-    length: int = 0
+    cursor: torch.Tensor
 
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def length(self) -> int:
+        """Number of filled slots (reads the cursor on the host)."""
+        return int(self.cursor[0])
 
     def reserve(self, n: int) -> None:
         """Make room for ``n`` more slots, growing the buffers (doubling) if needed."""

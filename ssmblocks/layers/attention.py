@@ -86,12 +86,13 @@ class Attention(nn.Module):
             v=torch.zeros(kv, device=device, dtype=dtype),
             valid=torch.zeros(batch_size, cap, device=device, dtype=torch.bool),
             pos=torch.zeros(batch_size, device=device, dtype=torch.long),
+            cursor=torch.zeros(batch_size, device=device, dtype=torch.long),
         )
 
     def state_layout(self) -> dict:
         """Shape (after batch) and dtype of each state field, for checking a state handed in."""
         kv = ((self.n_kv_heads, None, self.head_dim), None)
-        return {"k": kv, "v": kv, "valid": ((None,), torch.bool), "pos": ((), None)}
+        return {"k": kv, "v": kv, "valid": ((None,), torch.bool), "pos": ((), None), "cursor": ((), None)}
 
     def forward(
         self,
@@ -124,27 +125,54 @@ class Attention(nn.Module):
 
         if state is None and mask is None:
             out = self._causal(q, k, v)
+        elif state is not None and l == 1:
+            out = self._decode_step(q, k, v, real, state)
         else:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, heads, l, head_dim)
-            offset = 0
-            if state is not None:
-                offset = state.length
-                state.reserve(l)
-                state.k[:, :, offset : offset + l] = k
-                state.v[:, :, offset : offset + l] = v
-                state.valid[:, offset : offset + l] = real
-                state.pos += real.sum(1)
-                state.length = offset + l
-                k, v, keys_real = state.k[:, :, : offset + l], state.v[:, :, : offset + l], state.valid[:, : offset + l]
-            else:
-                keys_real = real
-            query_slot = torch.arange(offset, offset + l, device=x.device)[:, None]
-            key_slot = torch.arange(offset + l, device=x.device)
-            allowed = (key_slot <= query_slot) & keys_real[:, None, :]  # (b, l, s)
-            allowed |= key_slot == query_slot  # a padded query attends to itself only, never NaN
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=True)
-            out = out.transpose(1, 2)
+            out = self._masked(q, k, v, real, state)
         return self.o_proj(out.reshape(b, l, self.n_heads * self.head_dim))
+
+    def _masked(self, q, k, v, real: torch.Tensor, state: KVCache | None) -> torch.Tensor:
+        """Attention over the cache (if any) and the new tokens, skipping padded keys.
+
+        q: (b, l, heads, p); k, v: (b, l, kv_heads, p); real: (b, l) bool. Returns (b, l, heads, p).
+        """
+        l = q.shape[1]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, heads, l, p)
+        offset, keys_real = 0, real
+        if state is not None:
+            offset = state.length
+            state.reserve(l)
+            state.k[:, :, offset : offset + l] = k
+            state.v[:, :, offset : offset + l] = v
+            state.valid[:, offset : offset + l] = real
+            state.pos += real.sum(1)
+            state.cursor += l
+            k, v, keys_real = state.k[:, :, : offset + l], state.v[:, :, : offset + l], state.valid[:, : offset + l]
+        query_slot = torch.arange(offset, offset + l, device=q.device)[:, None]
+        key_slot = torch.arange(offset + l, device=q.device)
+        allowed = (key_slot <= query_slot) & keys_real[:, None, :]  # (b, l, s)
+        allowed |= key_slot == query_slot  # a padded query attends to itself only, never NaN
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=True)
+        return out.transpose(1, 2)
+
+    def _decode_step(self, q, k, v, real: torch.Tensor, state: KVCache) -> torch.Tensor:
+        """One token per row, written at the cursor; attends over the whole (preallocated) cache with the
+        valid-slot mask. Reads nothing on the host, so it can be captured in a CUDA graph.
+
+        q: (b, 1, heads, p); k, v: (b, 1, kv_heads, p); real: (b, 1) bool. Returns (b, 1, heads, p).
+        """
+        if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+            state.reserve(1)  # a capture must come with a cache preallocated for every step
+        slot = state.cursor[:1].clone()  # (1,); a copy, since the cursor moves on below
+        state.k.index_copy_(2, slot, k.transpose(1, 2))
+        state.v.index_copy_(2, slot, v.transpose(1, 2))
+        state.valid.index_copy_(1, slot, real)
+        state.pos += real[:, 0]
+        state.cursor += 1
+        own = torch.arange(state.capacity, device=q.device) == slot
+        allowed = (state.valid | own)[:, None, None, :]  # (b, 1, 1, capacity)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), state.k, state.v, attn_mask=allowed, enable_gqa=True)
+        return out.transpose(1, 2)
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Plain causal attention. q: (b, l, heads, head_dim); k, v: (b, l, kv_heads, head_dim)."""
