@@ -83,11 +83,12 @@ def stream(
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
         token = pick(logits).masked_fill(finished, pad)
+        feed = token.masked_fill(finished, 0)  # rows already finished feed any valid id; their output is unused
         finished |= torch.isin(token, stops)
         yield token
         if i + 1 == max_new_tokens or bool(finished.all()):
             return
-        logits = step(token) if step is not None else model(token[:, None], state=state).logits[:, -1]
+        logits = step(feed) if step is not None else model(feed[:, None], state=state).logits[:, -1]
 
 
 def prefill(
