@@ -2,8 +2,11 @@
 
 from . import ops
 from .errors import ShapeError, SSMBlocksError, StateError
+from .generation import generate, stream
 from .layers import SSD, Attention, CausalConv1d, GatedRMSNorm, RMSNorm, SelectiveSSM, SwiGLU
-from .state import ConvState, KVCache, SSMState
+from .model import CausalLM, LMOutput, build
+from .recipe import Recipe
+from .state import ConvState, KVCache, ModelState, SSMState
 
 __version__ = "0.1.0"
 
@@ -11,15 +14,22 @@ __all__ = [
     "SSD",
     "Attention",
     "CausalConv1d",
+    "CausalLM",
     "ConvState",
     "GatedRMSNorm",
     "KVCache",
+    "LMOutput",
+    "ModelState",
     "RMSNorm",
+    "Recipe",
     "SSMBlocksError",
     "SSMState",
     "SelectiveSSM",
     "ShapeError",
     "StateError",
     "SwiGLU",
+    "build",
+    "generate",
     "ops",
+    "stream",
 ]

@@ -170,7 +170,9 @@ class Recipe(_Spec):
     def from_yaml(cls, path_or_text: str | Path) -> Recipe:
         """Load from a YAML file path or from YAML text."""
         text = str(path_or_text)
-        if isinstance(path_or_text, Path) or ("\n" not in text and Path(text).is_file()):
+        if isinstance(path_or_text, Path) or ("\n" not in text and text.endswith((".yaml", ".yml"))):
+            if not Path(text).is_file():
+                raise FileNotFoundError(f"recipe file {text!r} does not exist")
             text = Path(text).read_text()
         data = yaml.safe_load(text)
         if not isinstance(data, dict):

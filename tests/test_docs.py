@@ -22,7 +22,7 @@ def test_readme_test_command_is_what_ci_runs():
     assert readme_cmd in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.parametrize("script", ["quickstart.py"])
-def test_example_runs(script, capsys):
+@pytest.mark.parametrize("script, expect", [("quickstart.py", "decode"), ("build_a_hybrid.py", "streaming")])
+def test_example_runs(script, expect, capsys):
     runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
-    assert "decode" in capsys.readouterr().out
+    assert expect in capsys.readouterr().out

@@ -1,0 +1,45 @@
+"""The ssmblocks command."""
+
+from pathlib import Path
+
+import pytest
+
+from ssmblocks.cli import main
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def test_info_prints_counts_table_and_sizes(capsys):
+    main(["info", str(RECIPES / "bamba-9b.yaml")])
+    out = capsys.readouterr().out
+    assert "bamba-9b: 9,780,235,392 parameters" in out
+    assert "    9  a        Attention" in out
+    # 29 SSD layers: conv (b, 8192 + 2*128, 3) bf16 + ssm (128 heads, 64, 128) float32 = 4,244,992 bytes each;
+    # 3 attention layers: pos + cursor (16 bytes) each
+    assert f"state per sequence (SSM + conv, fixed): {29 * 4_244_992 + 3 * 16:,} bytes" in out
+    # K and V: 2 * 8 kv heads * 128 head_dim * 2 bytes + 1 valid byte, per attention layer
+    assert f"KV cache per token (attention layers): {3 * (2 * 8 * 128 * 2 + 1):,} bytes" in out
+
+
+TINY = """
+name: tiny
+vocab_size: 256
+d_model: 32
+n_layers: 3
+mixers:
+  m: {kind: ssd, d_state: 8, head_dim: 16}
+  a: {kind: attention, n_heads: 4}
+pattern: m a m
+"""
+
+
+def test_generate_streams_bytes(capsys, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    main(["generate", "--recipe", str(tmp_path / "tiny.yaml"), "--prompt", "Hi", "--max-new-tokens", "3"])
+    out = capsys.readouterr().out
+    assert out.startswith("Hi") and out.endswith("\n")
+
+
+def test_unknown_recipe_file_is_an_error():
+    with pytest.raises(FileNotFoundError, match="recipe file 'no-such-recipe.yaml' does not exist"):
+        main(["info", "no-such-recipe.yaml"])
