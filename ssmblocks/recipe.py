@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -121,7 +131,21 @@ class PatternPeriodic(_Spec):
         return self
 
 
-Pattern = str | list[str] | PatternOverrides | PatternPeriodic
+def _pattern_form(value) -> str:
+    if isinstance(value, str | list):
+        return type(value).__name__
+    if isinstance(value, dict):
+        return "periodic" if "every" in value or "use" in value else "overrides"
+    return "periodic" if isinstance(value, PatternPeriodic) else "overrides"
+
+
+Pattern = Annotated[
+    Annotated[str, Tag("str")]
+    | Annotated[list[str], Tag("list")]
+    | Annotated[PatternOverrides, Tag("overrides")]
+    | Annotated[PatternPeriodic, Tag("periodic")],
+    Discriminator(_pattern_form),
+]
 
 
 class Recipe(_Spec):
@@ -174,10 +198,7 @@ class Recipe(_Spec):
             if not Path(text).is_file():
                 raise FileNotFoundError(f"recipe file {text!r} does not exist")
             text = Path(text).read_text()
-        data = yaml.safe_load(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"a recipe must be a YAML mapping, got {type(data).__name__}")
-        return cls.model_validate(data)
+        return cls.model_validate(yaml.safe_load(text))
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)
@@ -204,6 +225,8 @@ def _check_mixer(path: str, spec, d_model: int, mixers: dict) -> None:
             raise ValueError(f"{path}.dt_limit={spec.dt_limit} must be (low, high) with 0 <= low <= high")
     elif isinstance(spec, ParallelSpec):
         for i, member in enumerate(spec.mixers):
+            if member in spec.mixers[:i]:
+                raise ValueError(f"{path}.mixers[{i}]={member!r} is listed twice")
             if member not in mixers:
                 raise ValueError(f"{path}.mixers[{i}]={member!r} is not a mixer of this recipe ({sorted(mixers)})")
             if isinstance(mixers[member], ParallelSpec):
@@ -255,8 +278,14 @@ def _parse_pattern_string(text: str, mixers: dict, known) -> list[str]:
             elif _NAME.fullmatch(tok):
                 if tok in mixers or len(tok) == 1:
                     item = [known(tok, f"pattern {text!r}")]
+                elif all(ch in mixers for ch in tok):
+                    item = list(tok)  # one letter per layer
                 else:
-                    item = [known(ch, f"pattern {text!r} (read letter by letter)") for ch in tok]
+                    bad = next(ch for ch in tok if ch not in mixers)
+                    raise ValueError(
+                        f"pattern {text!r}: {tok!r} is neither a mixer ({sorted(mixers)}) nor one-letter mixer "
+                        f"names (letter {bad!r} is not defined)"
+                    )
             else:
                 raise ValueError(f"pattern {text!r}: unexpected {tok!r}")
             if pos < len(tokens) and tokens[pos] == "*":
