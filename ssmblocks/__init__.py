@@ -1,7 +1,8 @@
 """ssmblocks: state-space-model layers (Mamba, Mamba2, hybrids) for people who build their own models."""
 
 from . import ops
-from .errors import ShapeError, SSMBlocksError, StateError
+from .checkpoints import from_pretrained, save_pretrained
+from .errors import CheckpointError, ShapeError, SSMBlocksError, StateError
 from .generation import generate, stream
 from .layers import SSD, Attention, CausalConv1d, GatedRMSNorm, RMSNorm, SelectiveSSM, SwiGLU
 from .model import CausalLM, LMOutput, build
@@ -15,6 +16,7 @@ __all__ = [
     "Attention",
     "CausalConv1d",
     "CausalLM",
+    "CheckpointError",
     "ConvState",
     "GatedRMSNorm",
     "KVCache",
@@ -29,7 +31,9 @@ __all__ = [
     "StateError",
     "SwiGLU",
     "build",
+    "from_pretrained",
     "generate",
     "ops",
+    "save_pretrained",
     "stream",
 ]

@@ -44,3 +44,7 @@ def check_positive(layer: str, **sizes: int) -> None:
     for field, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{layer}: {field} must be a positive integer, got {value!r}")
+
+
+class CheckpointError(SSMBlocksError, ValueError):
+    """A checkpoint cannot be loaded or saved as asked; the message names the file, key or field."""

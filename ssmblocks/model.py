@@ -84,6 +84,7 @@ class CausalLM(nn.Module):
     def __init__(self, recipe: Recipe, device=None, dtype=None):
         super().__init__()
         self.recipe = recipe
+        self.tokenizer = None  # set by from_pretrained when the checkpoint has a tokenizer.json
         kw = {"device": device, "dtype": dtype}
         self.embedding = nn.Embedding(recipe.padded_vocab_size, recipe.d_model, **kw)
         self.layers = nn.ModuleList(Block(recipe, name, device, dtype) for name in recipe.layers)

@@ -1,0 +1,57 @@
+"""What a checkpoint family is: how to recognise it, its key table, and its config <-> recipe maps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import CheckpointError
+from ..recipe import Recipe
+from .keymap import KeyMap
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """name: shown in messages. matches(config, shapes): does a checkpoint belong here. to_recipe(config,
+    shapes): the recipe it needs. to_config(recipe): the config.json to save, or None if this family only
+    loads. keys: our state-dict keys <-> the checkpoint's."""
+
+    name: str
+    keys: KeyMap
+    matches: Callable[[dict, Shapes], bool]
+    to_recipe: Callable[[dict, Shapes], Recipe]
+    to_config: Callable[[Recipe], dict] | None = None
+
+
+def dt_limit(config: dict) -> tuple[float, float]:
+    """time_step_limit as floats; transformers 5 writes infinity as {"__float__": "Infinity"}."""
+    low, high = config.get("time_step_limit", (0.0, math.inf))
+    return tuple(float(v["__float__"]) if isinstance(v, dict) else float(v) for v in (low, high))
+
+
+def require(config: dict, key: str, family: str):
+    if key not in config:
+        raise CheckpointError(f"{family} config.json has no {key!r}")
+    return config[key]
+
+
+def check_config(name: str, config_value, weights_value, where: str) -> None:
+    """A value stated in config.json must agree with what the weights show."""
+    if config_value is not None and config_value != weights_value:
+        raise CheckpointError(
+            f"config/weights disagreement: config.json says {name}={config_value}, but {where} implies "
+            f"{name}={weights_value}"
+        )
+
+
+def shape_of(shapes: Shapes, key: str, family: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise CheckpointError(f"{family} checkpoint has no tensor {key!r}")
+    return shapes[key]
+
+
+def mixer_kinds(recipe: Recipe) -> set[str]:
+    return {recipe.mixers[name].kind for name in recipe.layers}
