@@ -82,6 +82,14 @@ def _generate(args) -> None:
     sys.stdout.write("\n")
 
 
+def _convert(args) -> None:
+    from .checkpoints import from_pretrained, save_pretrained
+
+    model = from_pretrained(args.src, dtype=DTYPES[args.dtype] if args.dtype else None, progress=True)
+    save_pretrained(model, args.dst, format=args.to, max_shard_size=args.max_shard_size, progress=True)
+    print(f"wrote {args.dst} ({args.to} format, {model.num_parameters():,} parameters)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ssmblocks", description="State-space-model blocks: inspect and run recipes")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,9 +106,17 @@ def main(argv: list[str] | None = None) -> None:
     p_gen.add_argument("--seed", type=int, default=0)
     p_gen.add_argument("--device", default="cpu")
     p_gen.add_argument("--dtype", default="float32", choices=DTYPES)
+    p_conv = sub.add_parser("convert", help="read any supported checkpoint, write it as hf or ssmblocks")
+    p_conv.add_argument("src", help="checkpoint folder or hub id")
+    p_conv.add_argument("dst", help="output folder (written atomically)")
+    p_conv.add_argument("--to", required=True, choices=["hf", "ssmblocks"])
+    p_conv.add_argument("--dtype", choices=DTYPES, default=None, help="default float32")
+    p_conv.add_argument("--max-shard-size", type=int, default=5 * 2**30, help="bytes per safetensors shard")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info(Recipe.from_yaml(args.recipe), DTYPES[args.dtype]))
+    elif args.command == "convert":
+        _convert(args)
     else:
         _generate(args)
 

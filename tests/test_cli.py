@@ -43,3 +43,22 @@ def test_generate_streams_bytes(capsys, tmp_path):
 def test_unknown_recipe_file_is_an_error():
     with pytest.raises(FileNotFoundError, match="recipe file 'no-such-recipe.yaml' does not exist"):
         main(["info", "no-such-recipe.yaml"])
+
+
+def test_convert_hf_to_ssmblocks_and_back(tmp_path, capsys):
+    import torch
+
+    import ssmblocks
+
+    recipe = ssmblocks.Recipe.from_yaml(
+        TINY.replace("m a m", "m m m").replace("  a: {kind: attention, n_heads: 4}\n", "")
+    )
+    model = ssmblocks.build(recipe)
+    ssmblocks.save_pretrained(model, tmp_path / "hf", format="hf")
+    main(["convert", str(tmp_path / "hf"), str(tmp_path / "native"), "--to", "ssmblocks", "--max-shard-size", "4000"])
+    assert "wrote" in capsys.readouterr().out
+    assert (tmp_path / "native" / "model.safetensors.index.json").is_file()
+    main(["convert", str(tmp_path / "native"), str(tmp_path / "hf2"), "--to", "hf"])
+    ids = torch.randint(0, 256, (1, 6))
+    back = ssmblocks.from_pretrained(tmp_path / "hf2")
+    assert torch.equal(back(ids).logits, model(ids).logits)

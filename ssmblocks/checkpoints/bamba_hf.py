@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..errors import CheckpointError
-from ..recipe import AttentionSpec, Recipe, SSDSpec
-from .family import Family, dt_limit, require
+from ..recipe import AttentionSpec, Recipe
+from .family import Family, dt_limit, mixer_kinds, require, used_specs
 from .keymap import KeyMap
 
 KEYS = KeyMap(
@@ -76,10 +76,8 @@ def to_recipe(config: dict, shapes) -> Recipe:
 
 
 def to_config(recipe: Recipe) -> dict:
-    specs = {recipe.mixers[name] for name in recipe.layers}
-    ssd = [s for s in specs if isinstance(s, SSDSpec)]
-    attn = [s for s in specs if isinstance(s, AttentionSpec)]
-    if len(ssd) != 1 or len(attn) > 1 or len(specs) != len(ssd) + len(attn) or recipe.mlp is None:
+    ssd, attn = used_specs(recipe, "ssd"), used_specs(recipe, "attention")
+    if len(ssd) != 1 or len(attn) > 1 or mixer_kinds(recipe) - {"ssd", "attention"} or recipe.mlp is None:
         raise CheckpointError(
             "HF Bamba holds one kind of SSD block and one kind of attention block, each with a SwiGLU MLP; "
             "save as format='ssmblocks'"
@@ -96,7 +94,7 @@ def to_config(recipe: Recipe) -> dict:
         "vocab_size": recipe.padded_vocab_size,
         "hidden_size": recipe.d_model,
         "num_hidden_layers": recipe.n_layers,
-        "attn_layer_indices": [i for i, name in enumerate(recipe.layers) if recipe.mixers[name] in attn],
+        "attn_layer_indices": [i for i, name in enumerate(recipe.layers) if recipe.mixers[name].kind == "attention"],
         "num_attention_heads": a.n_heads,
         "num_key_value_heads": a.n_kv_heads or a.n_heads,
         "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},

@@ -55,3 +55,13 @@ def shape_of(shapes: Shapes, key: str, family: str) -> tuple[int, ...]:
 
 def mixer_kinds(recipe: Recipe) -> set[str]:
     return {recipe.mixers[name].kind for name in recipe.layers}
+
+
+def used_specs(recipe: Recipe, kind: str) -> list:
+    """The distinct mixer specs of ``kind`` that the recipe's layers use (equal specs counted once)."""
+    specs: list = []
+    for name in dict.fromkeys(recipe.layers):
+        spec = recipe.mixers[name]
+        if spec.kind == kind and spec not in specs:
+            specs.append(spec)
+    return specs

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from ..errors import CheckpointError
 
@@ -41,10 +42,10 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no weights found (*.safetensors or *.bin)")
 
 
-def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def read_tensors(files: list[Path], progress: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of the given files on the CPU. A key present in two files is an error."""
     tensors: dict[str, torch.Tensor] = {}
-    for path in files:
+    for path in tqdm(files, desc="reading weights", unit="file", disable=not progress):
         for key, value in _read_file(path).items():
             if key in tensors:
                 raise CheckpointError(f"{path.name}: tensor {key!r} appears in more than one weight file")
@@ -73,7 +74,9 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+def write_safetensors(
+    folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int, progress: bool = False
+) -> None:
     """model.safetensors, or model-0000k-of-0000n.safetensors shards plus an index when larger than
     max_shard_bytes."""
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -89,7 +92,7 @@ def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_
         save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
         return
     weight_map = {}
-    for k, shard in enumerate(shards, start=1):
+    for k, shard in enumerate(tqdm(shards, desc="writing shards", unit="shard", disable=not progress), start=1):
         name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(folder / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))

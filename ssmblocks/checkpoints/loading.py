@@ -61,13 +61,19 @@ def detect(folder: Path, tensors: dict[str, torch.Tensor]) -> tuple[Recipe, KeyM
 
 
 def from_pretrained(
-    path_or_repo_id: str | Path, *, revision: str | None = None, dtype: torch.dtype | None = None, device=None
+    path_or_repo_id: str | Path,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    device=None,
+    progress: bool = False,
 ) -> CausalLM:
     """Load a checkpoint folder or hub repo into a CausalLM, strictly (every weight present, none extra,
     every shape right). dtype defaults to float32; A_log, D and dt_bias stay float32 whatever dtype says.
-    A tokenizer.json beside the weights is loaded into ``model.tokenizer`` (None otherwise)."""
+    A tokenizer.json beside the weights is loaded into ``model.tokenizer`` (None otherwise). progress shows
+    a progress bar over the weight files."""
     folder = resolve_folder(path_or_repo_id, revision)
-    tensors = read_tensors(weight_files(folder))
+    tensors = read_tensors(weight_files(folder), progress)
     recipe, keys, family = detect(folder, tensors)
     model = build(recipe, device="meta", dtype=dtype or torch.float32)
     load_strict(model, tensors, keys, family, device or "cpu")
@@ -130,7 +136,9 @@ def _tokenizer(folder: Path):
     return Tokenizer.from_file(str(path))
 
 
-def save_pretrained(model: CausalLM, folder: str | Path, format: str = "hf", max_shard_size: int = 5 * 2**30) -> None:
+def save_pretrained(
+    model: CausalLM, folder: str | Path, format: str = "hf", max_shard_size: int = 5 * 2**30, progress: bool = False
+) -> None:
     """Write ``model`` to ``folder``: format "hf" (config.json + safetensors that transformers loads, for the
     Mamba, Mamba2 and Bamba families) or "ssmblocks" (recipe.yaml + safetensors, for any recipe). Large
     models are sharded with an index. The write is atomic: a failure leaves an existing folder as it was."""
@@ -153,7 +161,7 @@ def save_pretrained(model: CausalLM, folder: str | Path, format: str = "hf", max
             (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
         else:
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        write_safetensors(tmp, tensors, max_shard_size)
+        write_safetensors(tmp, tensors, max_shard_size, progress)
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save(str(tmp / "tokenizer.json"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import CheckpointError
 from ..recipe import Recipe
-from .family import Family, dt_limit, mixer_kinds, require
+from .family import Family, dt_limit, mixer_kinds, require, used_specs
 from .mamba_hf import KEYS  # same key layout as HF Mamba
 
 
@@ -51,9 +51,10 @@ def to_recipe(config: dict, shapes) -> Recipe:
 
 
 def to_config(recipe: Recipe) -> dict:
-    if mixer_kinds(recipe) != {"ssd"} or recipe.mlp is not None:
-        raise CheckpointError("HF Mamba2 holds only SSD blocks without MLP; save as format='ssmblocks'")
-    (spec,) = {recipe.mixers[name] for name in recipe.layers}
+    specs = used_specs(recipe, "ssd")
+    if mixer_kinds(recipe) != {"ssd"} or len(specs) != 1 or recipe.mlp is not None:
+        raise CheckpointError("HF Mamba2 holds one kind of SSD block, no MLP; save as format='ssmblocks'")
+    (spec,) = specs
     if spec.D_has_hdim or spec.norm_before_gate or spec.norm_eps != recipe.norm.eps:
         raise CheckpointError(
             "HF Mamba2 has D per head, the gate before the norm and one eps for every norm; "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import CheckpointError
 from ..recipe import Recipe
-from .family import Family, check_config, mixer_kinds, require
+from .family import Family, check_config, mixer_kinds, require, used_specs
 from .keymap import KeyMap
 
 KEYS = KeyMap(
@@ -48,9 +48,10 @@ def to_recipe(config: dict, shapes) -> Recipe:
 
 
 def to_config(recipe: Recipe) -> dict:
-    if mixer_kinds(recipe) != {"selective_ssm"} or recipe.mlp is not None:
-        raise CheckpointError("HF Mamba holds only SelectiveSSM blocks without MLP; save as format='ssmblocks'")
-    (spec,) = {recipe.mixers[name] for name in recipe.layers}
+    specs = used_specs(recipe, "selective_ssm")
+    if mixer_kinds(recipe) != {"selective_ssm"} or len(specs) != 1 or recipe.mlp is not None:
+        raise CheckpointError("HF Mamba holds one kind of SelectiveSSM block, no MLP; save as format='ssmblocks'")
+    (spec,) = specs
     return {
         "model_type": "mamba",
         "architectures": ["MambaForCausalLM"],
