@@ -22,7 +22,11 @@ def test_readme_test_command_is_what_ci_runs():
     assert readme_cmd in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.parametrize("script, expect", [("quickstart.py", "decode"), ("build_a_hybrid.py", "streaming")])
-def test_example_runs(script, expect, capsys):
+@pytest.mark.parametrize(
+    "script, expect",
+    [("quickstart.py", "decode"), ("build_a_hybrid.py", "streaming"), ("load_and_generate.py", "Mamba is")],
+)
+def test_example_runs(script, expect, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", [script, "--max-new-tokens", "4"] if script == "load_and_generate.py" else [script])
     runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
     assert expect in capsys.readouterr().out
