@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_snippets_run():
+    """Every ```python block runs (```py marks snippets that need a hub download or files)."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks, "README has no python snippets"
     namespace: dict = {}
