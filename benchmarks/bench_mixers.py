@@ -99,19 +99,16 @@ def main() -> None:
         "SSD (mamba2-130m)": ("ssd", SSD(args.d_model, d_state=128, head_dim=64, n_groups=1).eval()),
         "SelectiveSSM (mamba-130m)": ("selective", SelectiveSSM(args.d_model, d_state=16).eval()),
     }
-    print(
-        f"{'mixer':<28}{'ours ms':>9}{'transformers ms':>17}{'matmuls ms':>12}{'ours/matmuls':>14}{'transformers/ours':>19}"
-    )
+    header = ["ours ms", "transformers ms", "matmuls ms", "ours/matmuls", "transformers/ours"]
+    print(f"{'mixer':<28}" + "".join(f"{h:>{len(h) + 3}}" for h in header))
     for name, (kind, ours) in mixers.items():
         theirs = hf_mixer(ours, kind, args)
         err = ((ours(x) - theirs(x)).abs().max() / theirs(x).abs().max()).item()
-        ms = median_ms(
-            {"ours": lambda: ours(x), "theirs": lambda: theirs(x), "floor": projections(ours, kind, x)}, args.repeats
-        )
-        print(
-            f"{name:<28}{ms['ours']:>9.1f}{ms['theirs']:>17.1f}{ms['floor']:>12.1f}"
-            f"{ms['ours'] / ms['floor']:>14.2f}{ms['theirs'] / ms['ours']:>19.2f}   (outputs agree to {err:.1e})"
-        )
+        fns = {"ours": lambda m=ours: m(x), "theirs": lambda m=theirs: m(x), "floor": projections(ours, kind, x)}
+        ms = median_ms(fns, args.repeats)
+        row = [ms["ours"], ms["theirs"], ms["floor"], ms["ours"] / ms["floor"], ms["theirs"] / ms["ours"]]
+        cells = "".join(f"{v:>{len(h) + 3}.{1 if 'ms' in h else 2}f}" for h, v in zip(header, row, strict=True))
+        print(f"{name:<28}{cells}   (outputs agree to {err:.1e})")
 
 
 if __name__ == "__main__":
