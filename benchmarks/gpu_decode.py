@@ -60,7 +60,11 @@ def main() -> None:
     args = parser.parse_args()
     print(torch.__version__, torch.cuda.get_device_name())
     layers_match_cpu()
-    for path in args.recipe or ["recipes/mamba2-130m.yaml", "recipes/mamba-130m.yaml", "recipes/hybrid-three-mixers.yaml"]:
+    for path in args.recipe or [
+        "recipes/mamba2-130m.yaml",
+        "recipes/mamba-130m.yaml",
+        "recipes/hybrid-three-mixers.yaml",
+    ]:
         for dtype in (torch.float32, torch.bfloat16):
             decode_speed(path, batch=1, prompt_len=128, new=128, dtype=dtype)
 
