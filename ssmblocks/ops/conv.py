@@ -29,7 +29,7 @@ def causal_conv1d(
     conv_state: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal depthwise conv over time.
+    """Causal depthwise conv over time, computed channels-last as k shifted multiply-adds.
 
     x: (b, l, c); weight: (c, 1, k); bias: (c,); activation: None or "silu".
     conv_state: (b, c, k - 1) inputs preceding x[:, 0]; updated in place to the last k - 1 inputs.
@@ -39,33 +39,29 @@ def causal_conv1d(
     """
     b, l, c = x.shape
     k = weight.shape[-1]
-    xt = x.transpose(1, 2)  # (b, c, l)
     if conv_state is None:
         if mask is not None:
-            xt = xt * mask[:, None, :]
-        y = F.conv1d(xt, weight, bias, padding=k - 1, groups=c)[..., :l]
+            x = x * mask[..., None]
+        full = F.pad(x, (0, 0, k - 1, 0))  # (b, k - 1 + l, c), zeros before the first token
     else:
-        full = torch.cat([conv_state.to(x.dtype), xt], dim=-1)  # (b, c, k - 1 + l)
+        full = torch.cat([conv_state.transpose(1, 2).to(x.dtype), x], dim=1)
         if mask is not None:
             full = _state_next_to_real_tokens(full, (~mask).sum(1), k)
-        if l == 1:  # decode: one dot product per channel
-            y = torch.einsum("bck,ck->bc", full, weight[:, 0]).unsqueeze(-1)
-            if bias is not None:
-                y = y + bias[:, None]
-        else:
-            y = F.conv1d(full, weight, bias, groups=c)
-        conv_state.copy_(full[..., full.shape[-1] - (k - 1) :])
-    y = y.transpose(1, 2)
+        conv_state.copy_(full[:, full.shape[1] - (k - 1) :].transpose(1, 2))
+    taps = weight[:, 0].to(x.dtype)  # (c, k)
+    y = full[:, :l] * taps[:, 0] if bias is None else torch.addcmul(bias.to(x.dtype), full[:, :l], taps[:, 0])
+    for j in range(1, k):
+        y.addcmul_(full[:, j : j + l], taps[:, j])
     return F.silu(y) if activation == "silu" else y
 
 
 def _state_next_to_real_tokens(full: torch.Tensor, n_pad: torch.Tensor, k: int) -> torch.Tensor:
     """Move the carried state past each row's left padding: [state, pad, real] -> [0, state, real].
 
-    full: (b, c, k - 1 + l) = state then inputs; n_pad: (b,) number of padded inputs per row.
+    full: (b, k - 1 + l, c) = state then inputs; n_pad: (b,) number of padded inputs per row.
     """
-    j = torch.arange(full.shape[-1], device=full.device)
+    j = torch.arange(full.shape[1], device=full.device)
     shift = n_pad[:, None]  # (b, 1)
     src = torch.where(j < shift + k - 1, j - shift, j).clamp(min=0)  # (b, k - 1 + l)
-    moved = full.gather(-1, src[:, None, :].expand_as(full))
-    return moved.masked_fill((j < shift)[:, None, :], 0)
+    moved = full.gather(1, src[:, :, None].expand_as(full))
+    return moved.masked_fill((j < shift)[:, :, None], 0)
