@@ -20,6 +20,7 @@ from ..errors import CheckpointError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+DESCRIPTORS = ("config.json", "recipe.yaml")  # what says which model a checkpoint folder holds
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -105,8 +106,8 @@ def write_folder(folder: str | Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp)`` into a fresh temporary folder beside ``folder``, then move the result in.
 
     A failure while writing leaves ``folder`` exactly as it was. A new folder appears in one rename; into an
-    existing one each file is moved with an atomic replace, the user's other files are kept, and weight files
-    of the previous checkpoint that the new one does not have (old shards) are removed.
+    existing one each file is moved with an atomic replace, the user's other files are kept, and the files of
+    the previous checkpoint that the new one does not have (old shards, the other format's config) are removed.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,8 @@ def write_folder(folder: str | Path, write: Callable[[Path], None]) -> None:
         new = {p.name for p in tmp.iterdir()}
         for path in tmp.iterdir():
             os.replace(path, folder / path.name)
-        for stale in [*folder.glob("model*.safetensors"), folder / SAFETENSORS_INDEX]:
+        owned = [*folder.glob("model*.safetensors"), folder / SAFETENSORS_INDEX, *(folder / f for f in DESCRIPTORS)]
+        for stale in owned:
             if stale.name not in new and stale.exists():
                 stale.unlink()
     finally:
