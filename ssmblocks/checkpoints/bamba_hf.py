@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import CheckpointError
 from ..recipe import AttentionSpec, Recipe
-from .family import Family, dt_limit, mixer_kinds, require, used_specs
+from .family import Family, dt_limit, limit_entry, mixer_kinds, refuse_unsupported, require, used_specs
 from .keymap import KeyMap
 
 KEYS = KeyMap(
@@ -22,12 +22,16 @@ KEYS = KeyMap(
 ROTARY_FRACTION = 0.5  # transformers' BambaConfig fixes partial_rotary_factor at 0.5
 
 
-def _rope_theta(config: dict) -> float:
+def _rope(config: dict) -> tuple[float, float]:
+    """(rope_theta, rotary fraction), from rope_parameters (transformers 5) or the top level (older)."""
     rope = config.get("rope_parameters") or {}
-    return rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    refuse_unsupported(rope, "HF Bamba rope_parameters", rope_type=("default",))
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    return theta, rope.get("partial_rotary_factor", config.get("partial_rotary_factor", ROTARY_FRACTION))
 
 
 def to_recipe(config: dict, shapes) -> Recipe:
+    refuse_unsupported(config, "HF Bamba", hidden_act=("silu",))
     d = require(config, "hidden_size", "HF Bamba")
     n = require(config, "num_hidden_layers", "HF Bamba")
     expand = config.get("mamba_expand", 2)
@@ -53,12 +57,13 @@ def to_recipe(config: dict, shapes) -> Recipe:
         "conv_bias": config.get("mamba_conv_bias", True),
         "bias": config.get("mamba_proj_bias", False),
     }
+    theta, rotary_fraction = _rope(config)
     attention = {
         "kind": "attention",
         "n_heads": require(config, "num_attention_heads", "HF Bamba"),
         "n_kv_heads": config.get("num_key_value_heads"),
-        "rope_theta": _rope_theta(config),
-        "rotary_fraction": config.get("partial_rotary_factor", ROTARY_FRACTION),
+        "rope_theta": theta,
+        "rotary_fraction": rotary_fraction,
         "bias": config.get("attention_bias", False),
     }
     return Recipe(
@@ -110,7 +115,7 @@ def to_config(recipe: Recipe) -> dict:
         "mamba_chunk_size": m.chunk_size,
         "mamba_conv_bias": m.conv_bias,
         "mamba_proj_bias": m.bias,
-        "time_step_limit": list(m.dt_limit),
+        **limit_entry(m.dt_limit),
         "rms_norm_eps": recipe.norm.eps,
         "tie_word_embeddings": recipe.tie_embeddings,
         "hidden_act": "silu",

@@ -32,6 +32,19 @@ def dt_limit(config: dict) -> tuple[float, float]:
     return tuple(float(v["__float__"]) if isinstance(v, dict) else float(v) for v in (low, high))
 
 
+def refuse_unsupported(config: dict, family: str, **supported) -> None:
+    """Stop on a config value this library does not implement (rather than load a different model)."""
+    for key, allowed in supported.items():
+        value = config.get(key, allowed[0])
+        if value not in allowed:
+            raise CheckpointError(f"{family} config.json: {key}={value!r} is not supported (supported: {allowed})")
+
+
+def limit_entry(limit: tuple[float, float]) -> dict:
+    """time_step_limit for a config.json, left out when it is the default (0, inf): infinity is no JSON."""
+    return {} if tuple(limit) == (0.0, math.inf) else {"time_step_limit": list(limit)}
+
+
 def require(config: dict, key: str, family: str):
     if key not in config:
         raise CheckpointError(f"{family} config.json has no {key!r}")

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from ..errors import CheckpointError
@@ -21,7 +22,7 @@ FAMILIES: list[Family] = [mamba_hf.FAMILY, mamba2_hf.FAMILY, bamba_hf.FAMILY, ma
 HF_FAMILIES = {"mamba": mamba_hf.FAMILY, "mamba2": mamba2_hf.FAMILY, "bamba": bamba_hf.FAMILY}
 NATIVE_KEYS = KeyMap([("{rest}", "{rest}")])
 RECIPE_FILE = "recipe.yaml"
-HUB_FILES = ["*.json", "*.safetensors", "*.bin", "*.yaml", "tokenizer*"]
+HUB_FILES = ["*.json", "*.yaml", "tokenizer*", "*.safetensors"]
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -36,13 +37,27 @@ def resolve_folder(path_or_repo_id: str | Path, revision: str | None = None) -> 
         raise CheckpointError(f"{path_or_repo_id!r} is neither a local folder nor a hub id like 'org/name'")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=HUB_FILES))
+    def download(patterns: list[str]) -> Path:
+        try:
+            return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=patterns))
+        except Exception as e:  # the hub client's errors: not found, offline, gated, ...
+            raise CheckpointError(
+                f"{path_or_repo_id!r} is not a local folder, and downloading it from the hub failed: {e}"
+            ) from e
+
+    folder = download(HUB_FILES)
+    if not any(folder.glob("*.safetensors")):  # only then the pickled weights
+        folder = download(["*.bin", "*.bin.index.json"])
+    return folder
 
 
 def detect(folder: Path, tensors: dict[str, torch.Tensor]) -> tuple[Recipe, KeyMap, str]:
     """The recipe, key map and family name of the checkpoint in ``folder``."""
     if (folder / RECIPE_FILE).is_file():
-        return Recipe.from_yaml(folder / RECIPE_FILE), NATIVE_KEYS, "ssmblocks"
+        try:
+            return Recipe.from_yaml(folder / RECIPE_FILE), NATIVE_KEYS, "ssmblocks"
+        except (ValueError, yaml.YAMLError) as e:
+            raise CheckpointError(f"{folder / RECIPE_FILE}: not a valid recipe:\n{e}") from None
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json (nor {RECIPE_FILE}) to tell what model this is")
     try:
@@ -69,7 +84,7 @@ def from_pretrained(
     progress: bool = False,
 ) -> CausalLM:
     """Load a checkpoint folder or hub repo into a CausalLM, strictly (every weight present, none extra,
-    every shape right). dtype defaults to float32; A_log, D and dt_bias stay float32 whatever dtype says.
+    every shape right). dtype defaults to float32; A_log, D and SSD's dt_bias stay float32 whatever dtype says.
     A tokenizer.json beside the weights is loaded into ``model.tokenizer`` (None otherwise). progress shows
     a progress bar over the weight files."""
     folder = resolve_folder(path_or_repo_id, revision)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from ..errors import CheckpointError
 from ..recipe import Recipe
-from .family import Family, dt_limit, mixer_kinds, require, used_specs
+from .family import Family, dt_limit, limit_entry, mixer_kinds, refuse_unsupported, require, used_specs
 from .mamba_hf import KEYS  # same key layout as HF Mamba
 
 
 def to_recipe(config: dict, shapes) -> Recipe:
+    refuse_unsupported(config, "HF Mamba2", hidden_act=("silu",), rms_norm=(True,))
     d = require(config, "hidden_size", "HF Mamba2")
     expand = config.get("expand", 2)
     heads, head_dim = require(config, "num_heads", "HF Mamba2"), config.get("head_dim", 64)
@@ -17,8 +18,6 @@ def to_recipe(config: dict, shapes) -> Recipe:
             f"HF Mamba2 config.json: num_heads * head_dim = {heads} * {head_dim} must equal expand * hidden_size "
             f"= {expand} * {d}"
         )
-    if not config.get("rms_norm", True):
-        raise CheckpointError("HF Mamba2 config.json: rms_norm=false (a LayerNorm model) is not supported")
     eps = config.get("layer_norm_epsilon", 1e-5)
     mixer = {
         "kind": "ssd",
@@ -76,7 +75,7 @@ def to_config(recipe: Recipe) -> dict:
         "time_step_min": spec.dt_min,
         "time_step_max": spec.dt_max,
         "time_step_floor": spec.dt_init_floor,
-        "time_step_limit": list(spec.dt_limit),
+        **limit_entry(spec.dt_limit),
         "use_bias": spec.bias,
         "use_conv_bias": spec.conv_bias,
         "rms_norm": True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import CheckpointError
 from ..recipe import Recipe
-from .family import Family, check_config, mixer_kinds, require, used_specs
+from .family import Family, check_config, mixer_kinds, refuse_unsupported, require, used_specs
 from .keymap import KeyMap
 
 KEYS = KeyMap(
@@ -18,6 +18,7 @@ KEYS = KeyMap(
 
 
 def to_recipe(config: dict, shapes) -> Recipe:
+    refuse_unsupported(config, "HF Mamba", hidden_act=("silu",))
     d = require(config, "hidden_size", "HF Mamba")
     expand = config.get("expand", 2)
     check_config("intermediate_size", config.get("intermediate_size"), expand * d, "expand * hidden_size")

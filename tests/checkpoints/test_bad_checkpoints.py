@@ -341,11 +341,6 @@ def test_weights_without_config(copy_of):
     _load_fails(folder, r"no config\.json")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a recipe.yaml that fails validation raises pydantic's ValidationError (a YAML syntax error: "
-    "yaml's ParserError), not CheckpointError",
-)
 @pytest.mark.parametrize(
     "text",
     ["name: x\nvocab_size: 97\nd_model: -1\n", "name: [unclosed\n", "just a string\n"],

@@ -225,43 +225,31 @@ def test_dtype_casts_weights_but_keeps_ssm_parameters_float32(checkpoints, famil
 # Config fields that change transformers' model. The loader must honour them or refuse the checkpoint with a
 # CheckpointError; loading a different model without a word is never right.
 BAMBA_BASE = BAMBA["d32-L3-attn1-gqa4to2-g2-n8"]
-_IGNORES_ACT = "the loader ignores hidden_act: it builds SiLU layers and the logits differ (no error)"
 HONOUR_OR_REFUSE = [
     pytest.param(
         "mamba",
         dict(MAMBA["d32-n8-tied-bias"], hidden_act="gelu"),
         id="mamba-hidden_act-gelu",
-        marks=pytest.mark.xfail(strict=True, reason=f"mamba_hf: {_IGNORES_ACT}"),
     ),
     pytest.param(
         "mamba2",
         dict(MAMBA2["d32-h8p8-g2-n8-chunk8-untied"], hidden_act="gelu"),
         id="mamba2-hidden_act-gelu",
-        marks=pytest.mark.xfail(strict=True, reason=f"mamba2_hf: {_IGNORES_ACT}"),
     ),
     pytest.param(
         "bamba",
         dict(BAMBA_BASE, hidden_act="gelu"),
         id="bamba-hidden_act-gelu",
-        marks=pytest.mark.xfail(strict=True, reason=f"bamba_hf: {_IGNORES_ACT}"),
     ),
     pytest.param(
         "bamba",
         dict(BAMBA_BASE, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
         id="bamba-rope-linear-scaling",
-        marks=pytest.mark.xfail(
-            strict=True, reason="bamba_hf ignores rope_parameters.rope_type / factor (only rope_theta is read)"
-        ),
     ),
     pytest.param(
         "bamba",
         dict(BAMBA_BASE, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}),
         id="bamba-partial_rotary_factor-1.0",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="bamba_hf reads partial_rotary_factor at the config's top level only; transformers 5 keeps it "
-            "in rope_parameters (and honours it), so rotary_fraction stays 0.5",
-        ),
     ),
 ]
 

@@ -132,11 +132,6 @@ def test_recipe_model_saves_as_hf_and_transformers_agrees(tmp_path, family):
     assert_close(full_logits(reloaded, ids)[..., :VOCAB], expected, TOL, f"{family}: ssmblocks reload")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="save_pretrained writes time_step_limit's infinity as a bare Infinity literal, which is not JSON "
-    "(RFC 8259); transformers writes {'__float__': 'Infinity'}",
-)
 @pytest.mark.parametrize("family", ["mamba2", "bamba"])
 def test_saved_config_is_standard_json(tmp_path, family):
     recipe = ssmblocks.Recipe.from_yaml(RECIPES[family].replace(", dt_limit: [0.05, 0.3]", ""))
@@ -263,3 +258,44 @@ def test_hub_id_goes_through_snapshot_download(tmp_path, monkeypatch):
     assert loaded.tokenizer is not None
     ids = make_ids()
     assert_close(full_logits(loaded, ids), full_logits(model, ids), 1e-6, "hub load")
+
+
+def test_hub_repo_with_only_pickled_weights_downloads_them_second(tmp_path, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    model = rerandomise(ssmblocks.build(ssmblocks.Recipe.from_yaml(RECIPES["mamba2"])).eval())
+    ssmblocks.save_pretrained(model, tmp_path / "repo", format="hf")
+    state = {k: v.clone() for k, v in _safetensors_state(tmp_path / "repo").items()}
+    (tmp_path / "repo" / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "repo" / "pytorch_model.bin")
+    patterns_asked = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=()):
+        patterns_asked.append(list(allow_patterns))
+        return str(tmp_path / "repo")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loaded = ssmblocks.from_pretrained("org/name")
+    assert len(patterns_asked) == 2
+    assert not any(fnmatch.fnmatch("pytorch_model.bin", p) for p in patterns_asked[0]), (
+        "no .bin while safetensors may exist"
+    )
+    assert any(fnmatch.fnmatch("pytorch_model.bin", p) for p in patterns_asked[1])
+    ids = make_ids()
+    assert_close(full_logits(loaded, ids), full_logits(model, ids), 1e-6, "hub .bin load")
+
+
+def test_hub_download_failure_is_a_checkpoint_error(monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+
+    def offline(*args, **kwargs):
+        raise OSError("no connection")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ssmblocks.CheckpointError, match="'ckpts/mamba' is not a local folder.*no connection"):
+        ssmblocks.from_pretrained("ckpts/mamba")
+
+
+def _safetensors_state(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
