@@ -43,13 +43,14 @@ def selective_scan_ref(x, dt, A, B, C, D=None, z=None, initial_state=None):
     return y.to(x.dtype), h
 
 
-def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: int = 8):
+def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: int = 16):
     """Chunked selective scan: a Python loop over chunks only (state passed between them).
 
     Inside a chunk of c steps, with cumulative log decay L_t = A * sum_{r<=t} dt_r (relative to the chunk
-    start), the states are h_t = exp(L_t) * (h_start + cumsum_s(exp(-L_s) * u_s)), u_s = dt_s x_s B_s.
-    That factorisation needs |L| small enough for exp(-L); when some chunk decays further than that, the
-    chunk states come from a log-depth (Hillis-Steele) scan instead, which only multiplies decays <= 1.
+    start), the states are h_t = exp(L_t) * (h_start + cumsum_s(exp(-L_s) * u_s)), u_s = dt_s x_s B_s, the
+    cumulative sum being a matmul with a triangle of ones. That factorisation needs |L| small enough for
+    exp(-L); a chunk that decays further than that gets its states from a log-depth (Hillis-Steele) scan
+    instead, which only multiplies decays <= 1. Without autograd the loop runs in place in reused buffers.
     Returns (y, final_state).
     """
     wd = _work_dtype(x)
@@ -59,55 +60,69 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_siz
 
     pad = -l % chunk_size
     chunk_dt = F.pad(dt, (0, 0, 0, pad)).view(b, -1, chunk_size, e).sum(2)  # (b, l/c, e)
-    factorised = bool((chunk_dt * A.abs().amax(-1)).amax() <= _FACTORISED_LIMIT)
+    factorised = ((chunk_dt * A.abs().amax(-1)).amax(dim=(0, 2)) <= _FACTORISED_LIMIT).tolist()
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, h))
-    if factorised and not grad:
-        return _finish(_scan_in_place(xw, dt, A, B, C, h, chunk_size), xw, D, z).to(x.dtype), h
+    y, h = (_scan if grad else _scan_in_place)(xw, dt, A, B, C, h, chunk_size, factorised)
+    return _finish(y, xw, D, z).to(x.dtype), h
 
+
+def _scan(x, dt, A, B, C, h, chunk_size, factorised):
+    """The chunk loop with autograd. x, dt: (b, l, e); B, C: (b, l, n); h: (b, e, n) initial state.
+    Returns the scan part of y (b, l, e) and the final state."""
+    ones = torch.ones(chunk_size, chunk_size, dtype=x.dtype, device=x.device).tril()
     ys = []
-    for s in range(0, l, chunk_size):
+    for i, s in enumerate(range(0, x.shape[1], chunk_size)):
         dts = dt[:, s : s + chunk_size]  # (b, c, e)
-        u = (dts * xw[:, s : s + chunk_size])[..., None] * B[:, s : s + chunk_size, None, :]  # (b, c, e, n)
-        if factorised:
+        c = dts.shape[1]
+        u = (dts * x[:, s : s + c])[..., None] * B[:, s : s + c, None, :]  # (b, c, e, n)
+        if factorised[i]:
             log_decay = dts.cumsum(1)[..., None] * A  # (b, c, e, n), <= 0
-            states = torch.exp(log_decay) * (h[:, None] + (u * torch.exp(-log_decay)).cumsum(1))
+            summed = torch.einsum("ts,bsen->bten", ones[:c, :c], u * torch.exp(-log_decay))
+            states = torch.exp(log_decay) * (h[:, None] + summed)
         else:
             states = _chunk_states_log_depth(torch.exp(dts[..., None] * A), u, h)
-        ys.append(torch.einsum("bcen,bcn->bce", states, C[:, s : s + chunk_size]))
+        ys.append(torch.einsum("bcen,bcn->bce", states, C[:, s : s + c]))
         h = states[:, -1]
-    y = _finish(torch.cat(ys, dim=1), xw, D, z)
-    return y.to(x.dtype), h
+    return torch.cat(ys, dim=1), h
 
 
-def _scan_in_place(x, dt, A, B, C, h, chunk_size):
-    """The factorised chunk loop without autograd, in two reused buffers; h (b, e, n) is updated in place.
-
-    Same arithmetic as the autograd loop in selective_scan; returns the scan part of y, (b, l, e).
-    """
+def _scan_in_place(x, dt, A, B, C, h, chunk_size, factorised):
+    """The same loop without autograd, time-major in three reused buffers; h is updated in place to the
+    final state. Returns (y, h)."""
     b, l, e = x.shape
-    decay = x.new_empty(b, chunk_size, e, A.shape[-1])
-    states = torch.empty_like(decay)
-    ys = []
-    for s in range(0, l, chunk_size):
-        dts = dt[:, s : s + chunk_size]
-        c = dts.shape[1]
-        d, u = decay[:, :c], states[:, :c]
-        torch.mul(dts.cumsum(1)[..., None], A, out=d).exp_()
-        torch.mul((dts * x[:, s : s + c])[..., None], B[:, s : s + c, None, :], out=u)
-        u.div_(d).cumsum_(1).add_(h[:, None]).mul_(d)
-        ys.append(torch.matmul(u, C[:, s : s + c, :, None])[..., 0])
-        h.copy_(u[:, -1])
-    return torch.cat(ys, dim=1)
+    n = A.shape[-1]
+    decay, u, states = (x.new_empty(chunk_size, b, e, n) for _ in range(3))
+    ones = torch.ones(chunk_size, chunk_size, dtype=x.dtype, device=x.device).tril()
+    y = x.new_empty(l, b, e)
+    dtx, dt, B, C = (dt * x).transpose(0, 1), dt.transpose(0, 1), B.transpose(0, 1), C.transpose(0, 1)
+    for i, s in enumerate(range(0, l, chunk_size)):
+        c = min(chunk_size, l - s)
+        d, w, st = decay[:c], u[:c], states[:c]
+        torch.mul(dtx[s : s + c, :, :, None], B[s : s + c, :, None, :], out=w)  # u_t = dt_t x_t B_t
+        if factorised[i]:
+            torch.mul(dt[s : s + c].cumsum(0)[..., None], A, out=d).exp_()  # exp(L_t)
+            w.div_(d)[0].add_(h)
+            torch.matmul(ones[:c, :c], w.view(c, -1), out=st.view(c, -1)).view_as(st).mul_(d)
+        else:
+            st.copy_(_chunk_states_log_depth(torch.exp(dt[s : s + c, :, :, None] * A), w, h, dim=0))
+        h.copy_(st[-1])
+        torch.sum(torch.mul(st, C[s : s + c, :, None, :], out=d), dim=-1, out=y[s : s + c])
+    return y.transpose(0, 1), h
 
 
-def _chunk_states_log_depth(decay, u, h):
-    """States of one chunk by recursive doubling. decay, u: (b, c, e, n); h: (b, e, n) -> (b, c, e, n)."""
-    c, k = decay.shape[1], 1
+def _chunk_states_log_depth(decay, u, h, dim: int = 1):
+    """States of one chunk by recursive doubling along the time ``dim``.
+
+    decay, u: (b, c, e, n) for dim 1, (c, b, e, n) for dim 0; h: (b, e, n). Returns decay's shape.
+    """
+    c, k = decay.shape[dim], 1
     while k < c:
-        u = torch.cat([u[:, :k], u[:, k:] + decay[:, k:] * u[:, :-k]], dim=1)
-        decay = torch.cat([decay[:, :k], decay[:, k:] * decay[:, :-k]], dim=1)
+        first, later, earlier = slice(0, k), slice(k, c), slice(0, c - k)
+        at = lambda t, part: t[(slice(None),) * dim + (part,)]  # noqa: E731
+        u = torch.cat([at(u, first), at(u, later) + at(decay, later) * at(u, earlier)], dim=dim)
+        decay = torch.cat([at(decay, first), at(decay, later) * at(decay, earlier)], dim=dim)
         k *= 2
-    return decay * h[:, None] + u
+    return decay * h.unsqueeze(dim) + u
 
 
 def selective_scan_step(x, dt, A, B, C, state, D=None, z=None):

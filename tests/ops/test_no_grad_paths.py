@@ -41,3 +41,16 @@ def test_in_place_and_autograd_paths_agree():
     assert y_grad.requires_grad
     assert_close(y_fast, y_grad.detach(), 1e-6, "y")
     assert_close(h_fast, h_grad.detach(), 1e-6, "final state")
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["in_place", "autograd"])
+def test_chunks_choose_their_branch_independently(grad):
+    """One chunk decays far past the factorisation's range (log-depth branch), the others do not."""
+    x, dt, A, B, C, D, z, h0 = _inputs(l=70, dt_scale=0.05)
+    dt[:, 33:40] *= 2000  # only the second chunk of 32 steps decays by more than exp(-60)
+    ref_y, ref_h = selective_scan_ref(x.double(), dt.double(), A.double(), B.double(), C.double(), D, z, h0.double())
+    with torch.set_grad_enabled(grad):
+        y, h = selective_scan(x.requires_grad_(grad), dt, A, B, C, D, z, h0, chunk_size=32)
+    assert y.requires_grad == grad
+    assert_close(y, ref_y, 1e-5, "y")
+    assert_close(h, ref_h, 1e-5, "final state")

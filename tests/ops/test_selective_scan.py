@@ -84,9 +84,9 @@ def branches(monkeypatch):
     calls = collections.Counter()
 
     def counting(key, original):
-        def spy(*args):
+        def spy(*args, **kwargs):
             calls[key] += 1
-            return original(*args)
+            return original(*args, **kwargs)
 
         return spy
 
@@ -98,10 +98,10 @@ def branches(monkeypatch):
 def assert_branch(calls: collections.Counter, branch: str, autograd: bool) -> None:
     """The case ran through the branch it is meant to test."""
     if branch == "log_depth":
-        assert calls["log_depth"] > 0 and calls["in_place"] == 0, f"log-depth branch not taken: {dict(calls)}"
+        assert calls["log_depth"] > 0, f"log-depth branch not taken: {dict(calls)}"
     else:
         assert calls["log_depth"] == 0, f"factorised case fell back to the log-depth branch: {dict(calls)}"
-        assert (calls["in_place"] == 0) == autograd, f"in-place path taken={calls['in_place'] > 0}, autograd={autograd}"
+    assert (calls["in_place"] == 0) == autograd, f"in-place path taken={calls['in_place'] > 0}, autograd={autograd}"
 
 
 # ---------------------------------------------------------------------------------------------- forward
