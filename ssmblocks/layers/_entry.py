@@ -1,11 +1,11 @@
-"""The checks every sequence layer makes at its entry, in one place."""
+"""The entry every sequence layer shares: checks, then packed input run as a right-padded batch."""
 
 from __future__ import annotations
 
 import torch
 
 from ..errors import ShapeError, StateError, check_hidden
-from ..ops.packing import check_attention_mask, check_cu_seqlens
+from ..ops.packing import check_attention_mask, check_cu_seqlens, run_packed
 from ..state import check_state
 
 
@@ -34,3 +34,33 @@ def check_inputs(
     if state is not None:
         check_state(state, state_type, x, name, layer.state_layout())
     return None if attention_mask is None else check_attention_mask(attention_mask, x, name)
+
+
+class SequenceLayer(torch.nn.Module):
+    """Base of the sequence layers: ``forward`` validates the call, then runs ``_mix(x, state, mask)``, the
+    layer's own computation (packed sequences go through it as a right-padded batch, state None).
+
+    Subclasses set ``state_type`` and ``width`` (the size of the last input dimension) and implement
+    ``_mix`` and ``state_layout``.
+    """
+
+    state_type: type
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state=None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (b, l, width) -> (b, l, width).
+
+        state: the layer's state, read as it was before x[:, 0] and updated in place to after x[:, -1].
+        attention_mask: (b, l) left padding, 1 = real token; padded positions change no state and reach no
+        real output.
+        cu_seqlens: (n + 1,) int boundaries of packed sequences in a batch-1 input; each starts fresh.
+        """
+        mask = check_inputs(self, x, self.width, state, self.state_type, attention_mask, cu_seqlens)
+        if cu_seqlens is not None:
+            return run_packed(lambda padded: self._mix(padded, None, None), x, cu_seqlens)
+        return self._mix(x, state, mask)

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check_positive
-from ..ops.packing import run_packed
 from ..state import KVCache
-from ._entry import check_inputs
+from ._entry import SequenceLayer
 
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
@@ -32,7 +31,7 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: flo
     return torch.cat([rot.to(x.dtype), rest], dim=-1)
 
 
-class Attention(nn.Module):
+class Attention(SequenceLayer):
     """Causal GQA: q_proj, k_proj, v_proj -> RoPE on the first rotary_fraction of each head -> softmax
     attention (SDPA; flash-attn's kernel on CUDA when it is installed) -> o_proj.
 
@@ -40,6 +39,8 @@ class Attention(nn.Module):
     State: ``KVCache`` (see ssmblocks.state), preallocated for ``max_seqlen`` tokens and grown if needed.
     Positions count real tokens only, so a left-padded row sees the same positions as the row alone.
     """
+
+    state_type = KVCache
 
     def __init__(
         self,
@@ -94,25 +95,11 @@ class Attention(nn.Module):
         kv = ((self.n_kv_heads, None, self.head_dim), None)
         return {"k": kv, "v": kv, "valid": ((None,), torch.bool), "pos": ((), None), "cursor": ((), None)}
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: KVCache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x: (b, l, d_model) -> (b, l, d_model).
+    @property
+    def width(self) -> int:
+        return self.d_model
 
-        state: KV cache holding the tokens before x[:, 0]; x's keys and values are appended in place.
-        attention_mask: (b, l) left padding, 1 = real token; padded tokens are never attended to.
-        cu_seqlens: (n + 1,) boundaries of packed sequences in a batch-1 input; none sees another.
-        """
-        mask = check_inputs(self, x, self.d_model, state, KVCache, attention_mask, cu_seqlens)
-        if cu_seqlens is not None:
-            return run_packed(self._attend, x, cu_seqlens)
-        return self._attend(x, state, mask)
-
-    def _attend(self, x: torch.Tensor, state: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _mix(self, x: torch.Tensor, state: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         b, l, _ = x.shape
         q = self.q_proj(x).view(b, l, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, l, self.n_kv_heads, self.head_dim)

@@ -9,17 +9,19 @@ from torch import nn
 
 from ..errors import check_positive
 from ..ops.conv import causal_conv1d
-from ..ops.packing import run_packed
 from ..state import ConvState
-from ._entry import check_inputs
+from ._entry import SequenceLayer
 
 
-class CausalConv1d(nn.Module):
+class CausalConv1d(SequenceLayer):
     """y[t] = act(bias + sum_j weight[:, 0, j] * x[t - k + 1 + j]); x, y: (b, l, channels).
 
     Parameters ``weight (channels, 1, k)`` and ``bias (channels,)`` have the shapes of a depthwise
-    ``nn.Conv1d``, so checkpoints map one to one. activation: None or "silu".
+    ``nn.Conv1d``, so checkpoints map one to one. activation: None or "silu". Padded positions
+    (attention_mask 0) are skipped.
     """
+
+    state_type = ConvState
 
     def __init__(
         self,
@@ -63,17 +65,11 @@ class CausalConv1d(nn.Module):
         mask (b, l) bool left padding, whose padded inputs are skipped."""
         return causal_conv1d(x, self.weight, self.bias, self.activation, conv_state, mask)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: ConvState | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x: (b, l, channels) -> (b, l, channels). Padded positions (attention_mask 0) are skipped."""
-        mask = check_inputs(self, x, self.channels, state, ConvState, attention_mask, cu_seqlens)
-        if cu_seqlens is not None:
-            return run_packed(self.conv, x, cu_seqlens)
+    @property
+    def width(self) -> int:
+        return self.channels
+
+    def _mix(self, x: torch.Tensor, state: ConvState | None, mask: torch.Tensor | None) -> torch.Tensor:
         return self.conv(x, None if state is None else state.conv, mask)
 
     def extra_repr(self) -> str:

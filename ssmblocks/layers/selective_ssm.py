@@ -9,15 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check_positive
-from ..ops.packing import run_packed
 from ..ops.selective_scan import selective_scan, selective_scan_step
 from ..state import SSMState
-from ._entry import check_inputs
+from ._entry import SequenceLayer
 from ._init import KeepFloat32, at_least_float32, dt_bias_init
 from .conv import CausalConv1d
 
 
-class SelectiveSSM(KeepFloat32):
+class SelectiveSSM(KeepFloat32, SequenceLayer):
     """Mamba1 mixer: in_proj -> [x | z]; x -> causal conv + silu -> x_proj -> [dt | B | C];
     dt -> dt_proj -> softplus; selective scan; y * silu(z) -> out_proj.
 
@@ -26,6 +25,7 @@ class SelectiveSSM(KeepFloat32):
     State: ``SSMState(conv (b, e, d_conv - 1), ssm (b, e, n))``, ssm in ``state_dtype`` (float32).
     """
 
+    state_type = SSMState
     _keep_float32 = ("A_log", "D")
 
     def __init__(
@@ -97,25 +97,11 @@ class SelectiveSSM(KeepFloat32):
             "ssm": ((self.d_inner, self.d_state), self.state_dtype),
         }
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: SSMState | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x: (b, l, d_model) -> (b, l, d_model).
+    @property
+    def width(self) -> int:
+        return self.d_model
 
-        state: read as before x[:, 0], updated in place to after x[:, -1].
-        attention_mask: (b, l) left padding, 1 = real token; padded positions leave the state unchanged.
-        cu_seqlens: (n + 1,) boundaries of packed sequences in a batch-1 input; each starts fresh.
-        """
-        mask = check_inputs(self, x, self.d_model, state, SSMState, attention_mask, cu_seqlens)
-        if cu_seqlens is not None:
-            return run_packed(self._mix, x, cu_seqlens)
-        return self._mix(x, state, mask)
-
-    def _mix(self, x: torch.Tensor, state: SSMState | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _mix(self, x: torch.Tensor, state: SSMState | None, mask: torch.Tensor | None) -> torch.Tensor:
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
         xs = self.conv1d.conv(xs, None if state is None else state.conv, mask)
         if mask is not None:

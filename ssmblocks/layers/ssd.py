@@ -9,10 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check_positive
-from ..ops.packing import run_packed
 from ..ops.ssd import ssd_chunked, ssd_step
 from ..state import SSMState
-from ._entry import check_inputs
+from ._entry import SequenceLayer
 from ._init import KeepFloat32, at_least_float32, dt_bias_init
 from .conv import CausalConv1d
 from .norm import GatedRMSNorm
@@ -20,7 +19,7 @@ from .norm import GatedRMSNorm
 TORCH_CHUNK_SIZE = 64  # chunk of the torch SSD path: 64 ran 3.5x faster than 256 on a 2-core CPU
 
 
-class SSD(KeepFloat32):
+class SSD(KeepFloat32, SequenceLayer):
     """Mamba2 mixer: in_proj -> [z | x | B | C | dt]; causal conv + silu over [x | B | C];
     SSD scan with one decay per head; gated RMS norm with z (per group); out_proj.
 
@@ -32,6 +31,7 @@ class SSD(KeepFloat32):
     (docs/benchmarks.md). The chunk changes the order of the arithmetic, never the result.
     """
 
+    state_type = SSMState
     _keep_float32 = ("A_log", "D", "dt_bias")
 
     def __init__(
@@ -119,25 +119,11 @@ class SSD(KeepFloat32):
         ssm = (self.n_heads, self.head_dim, self.d_state)
         return {"conv": ((self.conv_dim, self.d_conv - 1), None), "ssm": (ssm, self.state_dtype)}
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: SSMState | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x: (b, l, d_model) -> (b, l, d_model).
+    @property
+    def width(self) -> int:
+        return self.d_model
 
-        state: read as before x[:, 0], updated in place to after x[:, -1].
-        attention_mask: (b, l) left padding, 1 = real token; padded positions leave the state unchanged.
-        cu_seqlens: (n + 1,) boundaries of packed sequences in a batch-1 input; each starts fresh.
-        """
-        mask = check_inputs(self, x, self.d_model, state, SSMState, attention_mask, cu_seqlens)
-        if cu_seqlens is not None:
-            return run_packed(self._mix, x, cu_seqlens)
-        return self._mix(x, state, mask)
-
-    def _mix(self, x: torch.Tensor, state: SSMState | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _mix(self, x: torch.Tensor, state: SSMState | None, mask: torch.Tensor | None) -> torch.Tensor:
         b, l, _ = x.shape
         h, p, g, n = self.n_heads, self.head_dim, self.n_groups, self.d_state
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, h], dim=-1)
