@@ -17,3 +17,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, name:
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"
     err = rel_err(actual, expected)
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def step_through(step, kw: dict[str, torch.Tensor], state: torch.Tensor) -> torch.Tensor:
+    """Feed kw's sequence (x, dt, A, B, C, optional D and z) one token at a time through a step op
+    (selective_scan_step or ssd_step) that updates ``state`` in place; returns y stacked over time."""
+    z = kw.get("z")
+    ys = [
+        step(
+            kw["x"][:, t],
+            kw["dt"][:, t],
+            kw["A"],
+            kw["B"][:, t],
+            kw["C"][:, t],
+            state,
+            D=kw.get("D"),
+            z=None if z is None else z[:, t],
+        )
+        for t in range(kw["x"].shape[1])
+    ]
+    return torch.stack(ys, dim=1)

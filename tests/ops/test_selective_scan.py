@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ssmblocks.ops import selective_scan, selective_scan_ref, selective_scan_step
-from tests.helpers import assert_close
+from tests.helpers import assert_close, step_through
 
 # ``ssmblocks.ops.selective_scan`` names the function (re-exported), so reach the module through importlib.
 SCAN = importlib.import_module("ssmblocks.ops.selective_scan")
@@ -306,32 +306,13 @@ def test_initial_state_is_not_modified():
 # ---------------------------------------------------------------------------------------------- step
 
 
-def step_through(kw: dict[str, torch.Tensor], state: torch.Tensor) -> torch.Tensor:
-    """Feed kw's sequence one token at a time through selective_scan_step; returns y (b, l, e)."""
-    z = kw.get("z")
-    ys = [
-        selective_scan_step(
-            kw["x"][:, t],
-            kw["dt"][:, t],
-            kw["A"],
-            kw["B"][:, t],
-            kw["C"][:, t],
-            state,
-            D=kw.get("D"),
-            z=None if z is None else z[:, t],
-        )
-        for t in range(kw["x"].shape[1])
-    ]
-    return torch.stack(ys, dim=1)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("features", FEATURES.values(), ids=FEATURES.keys())
 def test_step_by_step_matches_reference(features, dtype):
     kw = cast(scan_inputs(2, 7, 3, 5, features), dtype)
     ref_y, ref_h = selective_scan_ref(**cast(kw, torch.float64))
     state = kw.pop("initial_state").clone() if "h0" in features else torch.zeros(2, 3, 5, dtype=dtype)
-    y = step_through(kw, state)  # the step returns y only: the state must be updated in place
+    y = step_through(selective_scan_step, kw, state)  # the step returns y only: the state must be updated in place
     tol = TOL64 if dtype == torch.float64 else TOL32
     assert y.dtype == dtype
     assert_close(y, ref_y, tol, "y")
@@ -356,6 +337,6 @@ def test_prefill_then_steps_matches_reference():
     head = {k: v[:, :9] if k in sequence else v for k, v in kw.items()}
     tail = {k: v[:, 9:] if k in sequence else v for k, v in kw.items() if k != "initial_state"}
     y_head, state = selective_scan(**head, chunk_size=4)
-    y_tail = step_through(tail, state)
+    y_tail = step_through(selective_scan_step, tail, state)
     assert_close(torch.cat([y_head, y_tail], dim=1), ref_y, TOL64, "y")
     assert_close(state, ref_h, TOL64, "final state")
