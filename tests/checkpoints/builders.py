@@ -54,6 +54,19 @@ def rerandomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 # --- transformers models ---------------------------------------------------------------------------------
 
+TINY_BAMBA = dict(  # attention at layer 1 with GQA 4 -> 2; SSD with 2 groups of 4 heads
+    hidden_size=32,
+    num_hidden_layers=3,
+    attn_layer_indices=[1],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=48,
+    mamba_n_heads=8,
+    mamba_d_head=8,
+    mamba_n_groups=2,
+    mamba_d_state=8,
+    mamba_chunk_size=8,
+)
 HF_CLASSES = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "bamba": "BambaForCausalLM"}
 HF_CONFIGS = {"mamba": "MambaConfig", "mamba2": "Mamba2Config", "bamba": "BambaConfig"}
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import ssmblocks
 from ssmblocks import CheckpointError
-from tests.checkpoints.builders import hf_model, original_config, save_hf, to_mamba_ssm, write_original
+from tests.checkpoints.builders import TINY_BAMBA, hf_model, original_config, save_hf, to_mamba_ssm, write_original
 
 pytest.importorskip("transformers")
 
@@ -25,19 +25,7 @@ HF = {
     "mamba2": dict(
         hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8, n_groups=2, state_size=8, chunk_size=8
     ),
-    "bamba": dict(
-        hidden_size=32,
-        num_hidden_layers=3,
-        attn_layer_indices=[1],
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        mamba_n_heads=8,
-        mamba_d_head=8,
-        mamba_n_groups=2,
-        mamba_d_state=8,
-        mamba_chunk_size=8,
-    ),
+    "bamba": TINY_BAMBA,
 }
 ORIGINAL_SSM_CFG = {
     "mamba1": {"d_state": 8, "d_conv": 4, "expand": 2},

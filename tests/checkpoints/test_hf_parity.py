@@ -8,7 +8,7 @@ import json
 import pytest
 
 import ssmblocks
-from tests.checkpoints.builders import full_logits, hf_logits, hf_model, make_ids, save_hf, step_logits
+from tests.checkpoints.builders import TINY_BAMBA, full_logits, hf_logits, hf_model, make_ids, save_hf, step_logits
 from tests.helpers import assert_close
 
 pytest.importorskip("transformers")
@@ -75,19 +75,7 @@ MAMBA2 = {  # n_groups > 1 with several heads per group; chunks shorter than the
 }
 
 BAMBA = {  # attention at some layers with GQA; SSD with n_groups > 1
-    "d32-L3-attn1-gqa4to2-g2-n8": dict(
-        hidden_size=32,
-        num_hidden_layers=3,
-        attn_layer_indices=[1],
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        mamba_n_heads=8,
-        mamba_d_head=8,
-        mamba_n_groups=2,
-        mamba_d_state=8,
-        mamba_chunk_size=8,
-    ),
+    "d32-L3-attn1-gqa4to2-g2-n8": TINY_BAMBA,
     "d64-L4-attn0,2-gqa4to1-g4-tied-biases-dtlimit": dict(
         hidden_size=64,
         num_hidden_layers=4,

@@ -12,6 +12,7 @@ import torch
 
 import ssmblocks
 from tests.checkpoints.builders import (
+    TINY_BAMBA,
     VOCAB,
     full_logits,
     hf_logits,
@@ -38,19 +39,7 @@ HF_SOURCES = {
         chunk_size=8,
         time_step_limit=(0.05, 0.3),
     ),
-    "bamba": dict(
-        hidden_size=32,
-        num_hidden_layers=3,
-        attn_layer_indices=[1],
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        mamba_n_heads=8,
-        mamba_d_head=8,
-        mamba_n_groups=2,
-        mamba_d_state=8,
-        mamba_chunk_size=8,
-    ),
+    "bamba": TINY_BAMBA,
 }
 
 RECIPES = {
