@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .ssd import update_state
+
 # Largest |log decay| inside one chunk for which exp(+-log decay) is safe in float32, backward included.
 _FACTORISED_LIMIT = 60.0
 
@@ -130,7 +132,6 @@ def selective_scan_step(x, dt, A, B, C, state, D=None, z=None):
     wd = _work_dtype(x)
     xw = x.to(wd)
     dt = dt.to(wd)
-    h = torch.exp(dt[..., None] * A.to(wd)) * state.to(wd) + (dt * xw)[..., None] * B.to(wd)[:, None, :]
-    state.copy_(h)
-    y = torch.einsum("ben,bn->be", h, C.to(wd))
+    h = update_state(state, torch.exp(dt[..., None] * A.to(wd)), (dt * xw)[..., None], B.to(wd)[:, None, :])
+    y = (h @ C.to(wd)[:, :, None])[..., 0]  # (b, e)
     return _finish(y, xw, D, z).to(x.dtype)

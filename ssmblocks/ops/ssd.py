@@ -18,6 +18,20 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def update_state(state: torch.Tensor, decay: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One recurrence step, state <- decay * state + u * v (broadcast), written into ``state``.
+
+    In place (two passes over the state) when the state is in the working dtype and outside autograd;
+    otherwise computed out of place and copied back. Returns the new state in the working dtype.
+    """
+    wd = decay.dtype
+    if state.dtype == wd and not (torch.is_grad_enabled() and (state.requires_grad or u.requires_grad)):
+        return state.mul_(decay).addcmul_(u, v)
+    new = decay * state.to(wd) + u * v
+    state.copy_(new)
+    return new
+
+
 def _finish(y, x, D, z):
     """y, x: (b, l, h, p)."""
     if D is not None:
@@ -120,7 +134,7 @@ def ssd_step(x, dt, A, B, C, state, D=None, z=None):
     xw, dt = x.to(wd), dt.to(wd)
     B = B.to(wd).repeat_interleave(h // g, dim=1)  # (b, h, n)
     C = C.to(wd).repeat_interleave(h // g, dim=1)
-    new = torch.exp(dt * A.to(wd))[..., None, None] * state.to(wd) + (dt[..., None] * xw)[..., None] * B[:, :, None]
-    state.copy_(new)
-    y = torch.einsum("bhpn,bhn->bhp", new, C)
+    decay = torch.exp(dt * A.to(wd))[..., None, None]  # (b, h, 1, 1)
+    new = update_state(state, decay, (dt[..., None] * xw)[..., None], B[:, :, None])
+    y = (new @ C[..., None])[..., 0]  # (b, h, p)
     return _finish(y[:, None], xw[:, None], D, None if z is None else z[:, None])[:, 0].to(x.dtype)
