@@ -11,6 +11,7 @@ from torch import nn
 
 from .errors import ShapeError
 from .layers import SSD, Attention, RMSNorm, SelectiveSSM, SwiGLU
+from .precision import warn_if_slow_bf16
 from .recipe import AttentionSpec, ParallelSpec, Recipe, SelectiveSSMSpec, SSDSpec
 from .state import ModelState
 
@@ -173,5 +174,8 @@ class CausalLM(nn.Module):
 
 
 def build(recipe: Recipe, device=None, dtype=None) -> CausalLM:
-    """Build a CausalLM from a recipe. device="meta" builds without allocating (for counting)."""
+    """Build a CausalLM from a recipe. device="meta" builds without allocating (for counting). Warns when
+    asked for bfloat16 on a CPU where bf16 matmuls are slow."""
+    if device != "meta":
+        warn_if_slow_bf16(dtype, device)
     return CausalLM(recipe, device=device, dtype=dtype)

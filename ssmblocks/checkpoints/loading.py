@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..model import CausalLM, build
+from ..precision import warn_if_slow_bf16
 from ..recipe import Recipe
 from . import bamba_hf, mamba2_hf, mamba_hf, mamba_ssm
 from .family import Family
@@ -87,6 +88,7 @@ def from_pretrained(
     every shape right). dtype defaults to float32; A_log, D and SSD's dt_bias stay float32 whatever dtype says.
     A tokenizer.json beside the weights is loaded into ``model.tokenizer`` (None otherwise). progress shows
     a progress bar over the weight files."""
+    warn_if_slow_bf16(dtype, device)
     folder = resolve_folder(path_or_repo_id, revision)
     tensors = read_tensors(weight_files(folder), progress)
     recipe, keys, family = detect(folder, tensors)
