@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 class SSMBlocksError(Exception):
     """Base class of every error ssmblocks raises on purpose."""
@@ -17,8 +19,6 @@ class StateError(SSMBlocksError, ValueError):
 
 def check_hidden(x, d_model: int, layer: str) -> None:
     """Check a layer input `x: (b, l, d)`; name the layer and what is wrong."""
-    import torch
-
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(x).__name__}")
     if x.dim() != 3:
