@@ -1,4 +1,4 @@
-"""RMS norms, computed in float32 and returned in the input's dtype."""
+"""RMS norms, computed in float32 (or float64) and returned in the input's dtype."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None) -> torch.Tensor:
-    """x: (..., d); weight: (d,). Normalises each group of ``group_size`` channels (all d when None)."""
-    xf = x.float()
-    if group_size is not None and group_size != x.shape[-1]:
-        xf = xf.unflatten(-1, (-1, group_size))
-        xf = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
-    else:
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * weight.float()).to(x.dtype)
+    """x: (..., d); weight: (d,). Normalises each group of ``group_size`` channels (all d when None).
+
+    Computed in float32 (float64 stays float64) by torch's fused rms_norm, then cast back to x's dtype.
+    """
+    d = x.shape[-1]
+    group_size = group_size or d
+    xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (d // group_size, group_size))
+    normed = F.rms_norm(xf, (group_size,), eps=eps).flatten(-2)
+    return (normed * weight.to(normed.dtype)).to(x.dtype)
 
 
 def gated_rms_norm(
@@ -26,7 +27,8 @@ def gated_rms_norm(
     norm_before_gate: bool = False,
 ) -> torch.Tensor:
     """Gated RMS norm. x, z: (..., d). norm_before_gate=False: norm(x * silu(z)); True: norm(x) * silu(z)."""
-    gate = F.silu(z.float())
+    wd = torch.promote_types(x.dtype, torch.float32)
+    gate = F.silu(z.to(wd))
     if norm_before_gate:
-        return (rms_norm(x.float(), weight, eps, group_size) * gate).to(x.dtype)
-    return rms_norm(x.float() * gate, weight, eps, group_size).to(x.dtype)
+        return (rms_norm(x.to(wd), weight, eps, group_size) * gate).to(x.dtype)
+    return rms_norm(x.to(wd) * gate, weight, eps, group_size).to(x.dtype)

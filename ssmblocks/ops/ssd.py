@@ -130,11 +130,11 @@ def ssd_step(x, dt, A, B, C, state, D=None, z=None):
     """
     wd = _work_dtype(x)
     b, h, p = x.shape
-    g = B.shape[1]
+    g, n = B.shape[1], B.shape[2]
+    r = h // g
     xw, dt = x.to(wd), dt.to(wd)
-    B = B.to(wd).repeat_interleave(h // g, dim=1)  # (b, h, n)
-    C = C.to(wd).repeat_interleave(h // g, dim=1)
-    decay = torch.exp(dt * A.to(wd))[..., None, None]  # (b, h, 1, 1)
-    new = update_state(state, decay, (dt[..., None] * xw)[..., None], B[:, :, None])
-    y = (new @ C[..., None])[..., 0]  # (b, h, p)
+    decay = torch.exp(dt * A.to(wd)).view(b, g, r, 1, 1)
+    u = (dt[..., None] * xw).view(b, g, r, p, 1)
+    new = update_state(state.view(b, g, r, p, n), decay, u, B.to(wd).view(b, g, 1, 1, n))  # heads grouped
+    y = (new @ C.to(wd).view(b, g, 1, n, 1)).view(b, h, p)
     return _finish(y[:, None], xw[:, None], D, None if z is None else z[:, None])[:, 0].to(x.dtype)
