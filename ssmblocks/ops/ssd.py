@@ -136,5 +136,5 @@ def ssd_step(x, dt, A, B, C, state, D=None, z=None):
     decay = torch.exp(dt * A.to(wd)).view(b, g, r, 1, 1)
     u = (dt[..., None] * xw).view(b, g, r, p, 1)
     new = update_state(state.view(b, g, r, p, n), decay, u, B.to(wd).view(b, g, 1, 1, n))  # heads grouped
-    y = (new @ C.to(wd).view(b, g, 1, n, 1)).view(b, h, p)
+    y = (new.view(b, g, r * p, n) @ C.to(wd).view(b, g, n, 1)).view(b, h, p)  # one matvec per group
     return _finish(y[:, None], xw[:, None], D, None if z is None else z[:, None])[:, 0].to(x.dtype)
