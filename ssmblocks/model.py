@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .errors import ShapeError
 from .layers import SSD, Attention, RMSNorm, SelectiveSSM, SwiGLU
@@ -79,13 +80,15 @@ class CausalLM(nn.Module):
 
     ``model(input_ids, state=None, attention_mask=None, cu_seqlens=None, labels=None)`` returns
     ``LMOutput(logits (b, l, vocab_size), loss)``; the loss (mean cross-entropy of next-token prediction,
-    labels shifted inside, -100 ignored) only when labels are given.
+    labels shifted inside, -100 ignored) only when labels are given. Set ``model.gradient_checkpointing =
+    True`` to keep only each block's input in training and recompute the block in backward.
     """
 
     def __init__(self, recipe: Recipe, device=None, dtype=None):
         super().__init__()
         self.recipe = recipe
         self.tokenizer = None  # set by from_pretrained when the checkpoint has a tokenizer.json
+        self.gradient_checkpointing = False  # True: recompute each block in backward (training, no state)
         kw = {"device": device, "dtype": dtype}
         self.embedding = nn.Embedding(recipe.padded_vocab_size, recipe.d_model, **kw)
         self.layers = nn.ModuleList(Block(recipe, name, device, dtype) for name in recipe.layers)
@@ -132,8 +135,12 @@ class CausalLM(nn.Module):
         if self.recipe.residual_in_fp32:
             residual = residual.float()
         layer_states = [None] * len(self.layers) if state is None else state.layers
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and state is None
         for block, layer_state in zip(self.layers, layer_states, strict=True):
-            residual = block(residual, layer_state, attention_mask, cu_seqlens)
+            if recompute:
+                residual = checkpoint(block, residual, None, attention_mask, cu_seqlens, use_reentrant=False)
+            else:
+                residual = block(residual, layer_state, attention_mask, cu_seqlens)
         hidden = self.norm_f(residual).to(self.lm_head.weight.dtype)
         logits = self.lm_head(hidden)[..., : self.recipe.vocab_size]
         if state is not None:

@@ -1,0 +1,51 @@
+"""Gradient checkpointing and optimizer parameter groups."""
+
+import torch
+
+import ssmblocks
+from ssmblocks.training import param_groups
+from tests.helpers import assert_close
+from tests.test_model import VOCAB, hybrid
+
+
+def grads(model, ids):
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = hybrid().train()
+    ids = torch.randint(0, VOCAB, (2, 13))
+    plain = grads(model, ids)
+    model.gradient_checkpointing = True
+    recomputed = grads(model, ids)
+    assert plain.keys() == recomputed.keys() and len(plain) == len(list(model.parameters()))
+    for name in plain:
+        assert_close(recomputed[name], plain[name], 1e-5, name)
+
+
+def test_param_groups_exempt_ssm_dynamics_norms_and_biases():
+    model = hybrid()
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert exempt.isdisjoint(decayed) and len(exempt) + len(decayed) == len(names)
+    for name in names.values():
+        leaf = name.rsplit(".", 1)[-1]
+        ssm_or_bias = leaf in ("A_log", "D", "dt_bias", "bias")
+        is_norm = ".norm" in name or name.startswith("norm_f") or ".norm2." in name
+        assert (name in exempt) == (ssm_or_bias or is_norm), name
+    torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)  # the groups are what AdamW takes
+
+
+def test_param_groups_of_a_plain_layer():
+    layer = ssmblocks.SSD(32, d_state=8, head_dim=16)
+    decay, no_decay = param_groups(layer, 0.01)
+    assert {id(p) for p in decay["params"]} == {
+        id(layer.in_proj.weight),
+        id(layer.out_proj.weight),
+        id(layer.conv1d.weight),
+    }
