@@ -20,3 +20,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         exempt = name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES or id(param) in norm_params
         (no_decay if exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def linear_layers(model: nn.Module) -> dict[str, list[str]]:
+    """Every nn.Linear of a model by kind (its attribute name: in_proj, x_proj, q_proj, gate_proj, ...),
+    each with the full module names. For choosing LoRA targets that cover all layers of each kind."""
+    kinds: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            kinds.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    return kinds
+
+
+def lora_targets(model: nn.Module, exclude: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """The kinds of linear layer to adapt, for ``peft.LoraConfig(target_modules=...)``: every kind the
+    model has (mixer projections, attention, MLP), the LM head excluded by default. PEFT matches these
+    names as module-name suffixes, so each covers that kind in every block."""
+    return sorted(kind for kind in linear_layers(model) if kind not in exclude)
