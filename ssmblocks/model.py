@@ -162,7 +162,8 @@ class CausalLM(nn.Module):
             raise ShapeError(f"CausalLM: input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
         if input_ids.is_floating_point():
             raise TypeError(f"CausalLM: input_ids must be integer token ids, got {input_ids.dtype}")
-        capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()  # no host reads then
+        # no host reads while a CUDA graph is captured or torch.compile traces (a data-dependent branch)
+        capturing = torch.compiler.is_compiling() or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
         if not capturing and (input_ids.min() < 0 or input_ids.max() >= self.recipe.vocab_size):
             bad = input_ids[(input_ids < 0) | (input_ids >= self.recipe.vocab_size)][0].item()
             raise ShapeError(f"CausalLM: token id {bad} is out of range for vocab_size={self.recipe.vocab_size}")

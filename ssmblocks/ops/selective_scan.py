@@ -60,9 +60,11 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_siz
     A, xw, dt, B, C = A.to(wd), x.to(wd), dt.to(wd), B.to(wd), C.to(wd)
     h = x.new_zeros(b, e, A.shape[-1], dtype=wd) if initial_state is None else initial_state.to(wd, copy=True)
 
-    pad = -l % chunk_size
-    chunk_dt = F.pad(dt, (0, 0, 0, pad)).view(b, -1, chunk_size, e).sum(2)  # (b, l/c, e)
-    factorised = ((chunk_dt * A.abs().amax(-1)).amax(dim=(0, 2)) <= _FACTORISED_LIMIT).tolist()
+    if torch.compiler.is_compiling():  # a data-dependent branch would split the graph: the stable one for all
+        factorised = [False] * -(-l // chunk_size)
+    else:
+        chunk_dt = F.pad(dt, (0, 0, 0, -l % chunk_size)).view(b, -1, chunk_size, e).sum(2)  # (b, l/c, e)
+        factorised = ((chunk_dt * A.abs().amax(-1)).amax(dim=(0, 2)) <= _FACTORISED_LIMIT).tolist()
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, h))
     y, h = (_scan if grad else _scan_in_place)(xw, dt, A, B, C, h, chunk_size, factorised)
     return _finish(y, xw, D, z).to(x.dtype), h
