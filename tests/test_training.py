@@ -49,3 +49,17 @@ def test_param_groups_of_a_plain_layer():
         id(layer.out_proj.weight),
         id(layer.conv1d.weight),
     }
+
+
+def test_bf16_autocast_trains_with_ssm_parameters_and_norms_in_float32():
+    model = hybrid().train()
+    ids = torch.randint(0, VOCAB, (2, 13))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    fp32_loss = model(ids, labels=ids).loss
+    assert abs(out.loss.item() - fp32_loss.item()) < 0.05 * fp32_loss.item()
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.float32, name  # autocast computes in bf16, parameters stay float32
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
