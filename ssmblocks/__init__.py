@@ -1,6 +1,6 @@
 """ssmblocks: state-space-model layers (Mamba, Mamba2, hybrids) for people who build their own models."""
 
-from . import ops
+from . import ops, training
 from .checkpoints import from_pretrained, save_pretrained
 from .errors import CheckpointError, ShapeError, SSMBlocksError, StateError
 from .generation import generate, stream
@@ -36,4 +36,5 @@ __all__ = [
     "ops",
     "save_pretrained",
     "stream",
+    "training",
 ]
