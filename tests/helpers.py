@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -37,3 +39,18 @@ def step_through(step, kw: dict[str, torch.Tensor], state: torch.Tensor) -> torc
         for t in range(kw["x"].shape[1])
     ]
     return torch.stack(ys, dim=1)
+
+
+def randomise(module: torch.nn.Module) -> None:
+    """Random weights on which every parameter of a mixer matters (transformers' init leaves some paths
+    tiny); softplus of the dt bias in [0.01, 0.5], A in [1, 8]."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.empty_like(p).uniform_(1, 8)))
+            elif name.endswith("dt_bias") or name == "dt_proj.bias":
+                p.copy_(torch.log(torch.expm1(torch.empty_like(p).uniform_(0.01, 0.5))))
+            elif p.dim() >= 2:  # linear (out, in) or depthwise conv (channels, 1, k)
+                p.normal_(0, 1 / math.sqrt(p.shape[1] * p.shape[2] if p.dim() == 3 else p.shape[1]))
+            else:
+                p.normal_(1 if name.endswith("norm.weight") else 0, 0.3)

@@ -1,28 +1,12 @@
 """SelectiveSSM and SSD equal transformers' MambaMixer and Mamba2Mixer given the same weights (fp32)."""
 
-import math
-
 import pytest
 import torch
 
 from ssmblocks import SSD, SelectiveSSM
-from tests.helpers import assert_close
+from tests.helpers import assert_close, randomise
 
 tf = pytest.importorskip("transformers")
-
-
-def randomise(module: torch.nn.Module) -> None:
-    """Weights on which every path of a mixer matters (transformers' init leaves some tiny)."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.log(torch.empty_like(p).uniform_(1, 8)))
-            elif name.endswith("dt_bias") or name == "dt_proj.bias":
-                p.copy_(torch.log(torch.expm1(torch.empty_like(p).uniform_(0.01, 0.5))))
-            elif p.dim() >= 2:
-                p.normal_(0, 1 / math.sqrt(p.shape[-1] * (p.shape[1] if p.dim() == 3 else 1)))
-            else:
-                p.normal_(1 if name.endswith("norm.weight") else 0, 0.3)
 
 
 MAMBA = {

@@ -10,13 +10,12 @@ bias fails here.
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
 
 from ssmblocks import SSD, Attention, SelectiveSSM
-from tests.helpers import assert_close
+from tests.helpers import assert_close, randomise
 
 tf = pytest.importorskip("transformers")
 from transformers.cache_utils import DynamicCache  # noqa: E402
@@ -26,20 +25,6 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer  # noqa: E402
 
 TOL = 1e-5
 BATCH, SEQLEN = 2, 23
-
-
-def randomise(module: torch.nn.Module) -> None:
-    """Random weights on which every parameter matters; softplus(dt bias) in [0.01, 0.5]."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.log(torch.empty_like(p).uniform_(1, 8)))
-            elif name in ("dt_bias", "dt_proj.bias"):
-                p.copy_(torch.log(torch.expm1(torch.empty_like(p).uniform_(0.01, 0.5))))
-            elif p.dim() >= 2:  # linear (out, in) or depthwise conv (channels, 1, k)
-                p.normal_(0, 1 / math.sqrt(p.shape[1] * p.shape[2] if p.dim() == 3 else p.shape[1]))
-            else:
-                p.normal_(1 if name == "norm.weight" else 0, 0.3)
 
 
 def pieces(splits: tuple[int, ...]) -> list[tuple[int, int]]:
