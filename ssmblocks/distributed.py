@@ -1,8 +1,22 @@
-"""Scaling out with PyTorch's own engine (launch with torchrun; gloo on CPU, nccl on GPUs)."""
+"""Scaling out with PyTorch's own engine (launch with torchrun; gloo on CPU, nccl on GPUs).
+
+- ``fully_shard_blocks``: FSDP2, data parallel with sharded parameters.
+- ``tensor_parallel``: Megatron-style tensor parallelism with DTensor: every mixer and MLP is split by heads
+  (channels for Mamba1) across the ranks of a 1-D mesh; one all-reduce per mixer and per MLP in forward.
+- ``full_state_dict``: gather a tensor-parallel model's tensors back to full, checkpoint-ordered ones.
+"""
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.nn.functional import all_reduce
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from .layers import SSD, Attention, CausalConv1d, GatedRMSNorm, SelectiveSSM, SwiGLU
+from .layers._local import local
 
 
 def fully_shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
@@ -16,3 +30,245 @@ def fully_shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def tensor_parallel(model: nn.Module, mesh) -> nn.Module:
+    """Split every Attention, SwiGLU, SSD and SelectiveSSM of ``model`` across the ranks of the 1-D
+    DeviceMesh ``mesh`` (size t); everything else (embedding, norms, LM head) stays replicated.
+
+    Every rank runs the whole batch. Input projections are split by output rows (heads), output projections
+    by input columns, followed by one all-reduce, so each layer's output is whole on every rank:
+
+    - Attention: query and key/value heads (t must divide n_heads and n_kv_heads).
+    - SwiGLU: hidden units (t | hidden_dim).
+    - SSD: heads, with their conv channels, A_log, D, dt_bias and norm weights (t | n_heads). B and C are split
+      by group when t divides n_groups (no extra communication). Otherwise (t a multiple of n_groups, as for
+      Bamba's single group) each rank computes a 1/t slice of every group's state dimension, the slices are
+      summed across ranks into whole B and C, and the gated norm's sum of squares, whose group then spans
+      several ranks, is summed across ranks too: two small all-reduces per layer, exact.
+    - SelectiveSSM: inner channels (t | d_inner); x_proj is split by its input, so dt, B and C are whole.
+
+    Fused input projections are reordered so each rank's rows are contiguous; ``full_state_dict`` undoes
+    that. Each layer's head counts become the rank's own, so ``init_state`` gives the rank's share of the
+    state and generation runs unchanged on every rank. Returns the model, changed in place.
+    """
+    t, rank = mesh.size(), mesh.get_local_rank()
+    layers = [(name, m) for name, m in model.named_modules() if type(m) in _PLANS]
+    for name, module in layers:  # check every layer before changing any
+        _check_splittable(name or type(module).__name__, module, t)
+    orders = {}
+    for name, module in layers:
+        prefix = f"{name}." if name else ""
+        for param, order in _PLANS[type(module)](module, mesh, t, rank).items():
+            orders[prefix + param] = order
+    model._tp_row_orders = orders
+    return model
+
+
+def full_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Full tensors in checkpoint order, on every rank: DTensors gathered, reordered rows put back.
+
+    tensors: name -> tensor (default ``model.state_dict()``; pass ``{n: p.grad for n, p in
+    model.named_parameters()}`` to gather gradients). Collective: call it on every rank."""
+    tensors = model.state_dict() if tensors is None else tensors
+    orders = getattr(model, "_tp_row_orders", {})
+    full = {}
+    for name, tensor in tensors.items():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        if name in orders:
+            restored = torch.empty_like(tensor)
+            restored[orders[name].to(tensor.device)] = tensor
+            tensor = restored
+        full[name] = tensor
+    return full
+
+
+def _check_splittable(name: str, module: nn.Module, t: int) -> None:
+    def need(size: int, what: str, why: str = "") -> None:
+        if size % t:
+            raise ValueError(f"tensor_parallel: {name}: {what}={size} is not divisible by {t} ranks{why}")
+
+    if isinstance(module, Attention):
+        need(module.n_heads, "n_heads")
+        need(module.n_kv_heads, "n_kv_heads", " (key/value heads are split, not replicated)")
+    elif isinstance(module, SwiGLU):
+        need(module.hidden_dim, "hidden_dim")
+    elif isinstance(module, SelectiveSSM):
+        need(module.d_inner, "d_inner")
+    elif isinstance(module, SSD):
+        need(module.n_heads, "n_heads")
+        if module.n_groups % t and t % module.n_groups:
+            raise ValueError(
+                f"tensor_parallel: {name}: n_groups={module.n_groups} and {t} ranks: one must divide the other "
+                "(groups split across ranks, or each rank's heads inside one group)"
+            )
+        if module.n_groups % t:
+            need(module.d_state, "d_state", f" (n_groups={module.n_groups} < ranks: B and C are split by state)")
+
+
+def _shard_rows(module: nn.Module, name: str, mesh, order: torch.Tensor | None = None) -> None:
+    """Replace parameter ``name`` by a DTensor split by rows (dim 0), after reordering rows by ``order``."""
+    param = getattr(module, name)
+    if param is None:
+        return
+    data = param.data if order is None else param.data[order.to(param.device)]
+    module.register_parameter(name, nn.Parameter(distribute_tensor(data, mesh, [Shard(0)]), param.requires_grad))
+
+
+def _split_linear(linear: nn.Linear, mesh, style, order: torch.Tensor | None = None) -> None:
+    if order is not None:
+        with torch.no_grad():
+            linear.weight.data = linear.weight.data[order.to(linear.weight.device)]
+            if linear.bias is not None:
+                linear.bias.data = linear.bias.data[order.to(linear.bias.device)]
+    parallelize_module(linear, mesh, style)
+
+
+def _rank_blocks(t: int, *segments: tuple[int, torch.Tensor]) -> torch.Tensor:
+    """Row order that puts each rank's rows together: for rank r, segment by segment, the rows
+    ``offset + idx[r]``, where each segment (offset, idx) gives idx (t, rows per rank) local to the segment."""
+    return torch.cat([offset + idx[r] for r in range(t) for offset, idx in segments])
+
+
+def _attention(attn: Attention, mesh, t: int, rank: int) -> dict:
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        _split_linear(proj, mesh, ColwiseParallel())
+    _split_linear(attn.o_proj, mesh, RowwiseParallel())
+    attn.n_heads //= t
+    attn.n_kv_heads //= t
+    return {}
+
+
+def _swiglu(mlp: SwiGLU, mesh, t: int, rank: int) -> dict:
+    _split_linear(mlp.gate_proj, mesh, ColwiseParallel())
+    _split_linear(mlp.up_proj, mesh, ColwiseParallel())
+    _split_linear(mlp.down_proj, mesh, RowwiseParallel())
+    mlp.hidden_dim //= t
+    return {}
+
+
+def _selective_ssm(ssm: SelectiveSSM, mesh, t: int, rank: int) -> dict:
+    e = ssm.d_inner
+    channels = torch.arange(e).view(t, -1)
+    in_order = _rank_blocks(t, (0, channels), (e, channels))  # [x | z] -> rank by rank [x_r | z_r]
+    _split_linear(ssm.in_proj, mesh, ColwiseParallel(), in_order)
+    for name in ("weight", "bias"):
+        _shard_rows(ssm.conv1d, name, mesh)
+    _split_linear(ssm.x_proj, mesh, RowwiseParallel())
+    ssm.x_proj.register_forward_hook(_SumBCGradients(ssm.dt_rank, mesh.get_group()))
+    _split_linear(ssm.dt_proj, mesh, ColwiseParallel())
+    _shard_rows(ssm, "A_log", mesh)
+    _shard_rows(ssm, "D", mesh)
+    _split_linear(ssm.out_proj, mesh, RowwiseParallel())
+    ssm.d_inner //= t
+    ssm.conv1d.channels //= t
+    return _orders(in_proj=in_order)
+
+
+class _SumBCGradients:
+    """Forward hook on SelectiveSSM's x_proj: its output [dt | B | C] is whole on every rank, but each rank's
+    B and C feed only the rank's channels, so their gradients are summed across ranks in backward. (dt's are
+    already: dt_proj's split sums them.)"""
+
+    def __init__(self, dt_rank: int, group):
+        self.dt_rank, self.group = dt_rank, group
+
+    def __call__(self, module, args, output: torch.Tensor) -> torch.Tensor:
+        dt, bc = output.split([self.dt_rank, output.shape[-1] - self.dt_rank], dim=-1)
+        return torch.cat([dt, _SumGradient.apply(bc, self.group)], dim=-1)
+
+
+class _SumGradient(torch.autograd.Function):
+    """Identity in forward; in backward the gradient is summed across the ranks of ``group``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _ssd(ssd: SSD, mesh, t: int, rank: int) -> dict:
+    e, h, g, n = ssd.d_inner, ssd.n_heads, ssd.n_groups, ssd.d_state
+    inner, heads = torch.arange(e).view(t, -1), torch.arange(h).view(t, -1)
+    state = torch.arange(g * n).view(g, n)
+    split_groups = g % t == 0
+    if split_groups:  # rank r: groups [r g/t, (r+1) g/t), every state index
+        bc = state.view(t, -1)
+    else:  # rank r: every group, state indices [r n/t, (r+1) n/t)
+        bc = state.view(g, t, n // t).transpose(0, 1).reshape(t, -1)
+    in_order = _rank_blocks(t, (0, inner), (e, inner), (2 * e, bc), (2 * e + g * n, bc), (2 * e + 2 * g * n, heads))
+    conv_order = _rank_blocks(t, (0, inner), (e, bc), (e + g * n, bc))
+    _split_linear(ssd.in_proj, mesh, ColwiseParallel(), in_order)
+    for name in ("weight", "bias"):
+        _shard_rows(ssd.conv1d, name, mesh, conv_order)
+    for name in ("A_log", "D", "dt_bias"):
+        _shard_rows(ssd, name, mesh)
+    _shard_rows(ssd.norm, "weight", mesh)
+    _split_linear(ssd.out_proj, mesh, RowwiseParallel())
+
+    ssd.d_inner, ssd.n_heads = e // t, h // t
+    ssd.conv1d.channels = ssd.conv_dim = e // t + 2 * bc.shape[1]
+    ssd.norm.dim = e // t
+    if split_groups:
+        ssd.n_groups = g // t
+    else:
+        group = rank // (t // g)  # the one group this rank's heads read
+        ssd.n_groups = 1
+        _become(ssd.conv1d, _ConvGatheringBC, group=mesh.get_group(), inner=e // t, n_groups=g, rank_group=group)
+        _become(ssd.norm, _GroupSpanningGatedRMSNorm, group=mesh.get_group(), n_groups=g, rank_group=group)
+    return _orders(in_proj=in_order, conv1d=conv_order)
+
+
+def _orders(**row_orders: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Reordered rows by parameter name (weight and bias of each module)."""
+    return {f"{module}.{p}": order for module, order in row_orders.items() for p in ("weight", "bias")}
+
+
+def _become(module: nn.Module, cls: type, **attributes) -> None:
+    """Give ``module`` the tensor-parallel behaviour of ``cls`` (a subclass of its class), keeping its
+    parameters and their names."""
+    module.__class__ = cls
+    for key, value in attributes.items():
+        setattr(module, key, value)
+
+
+class _ConvGatheringBC(CausalConv1d):
+    """SSD's conv when each rank holds a slice of the state dimension of B and C: after the (channel-wise)
+    convolution, the slices of all ranks are summed into whole B and C of the rank's group.
+
+    Input (b, l, inner + 2 g n/t) = [x | B slice | C slice]; output (b, l, inner + 2 n) = [x | B | C]."""
+
+    def conv(self, x, conv_state=None, mask=None):
+        y = super().conv(x, conv_state, mask)
+        xs, bc = y.split([self.inner, y.shape[-1] - self.inner], dim=-1)
+        t, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        b, l, _ = bc.shape
+        whole = bc.new_zeros(b, l, 2, self.n_groups, t, bc.shape[-1] // (2 * self.n_groups))
+        whole[:, :, :, :, rank] = bc.view(b, l, 2, self.n_groups, -1)
+        whole = all_reduce(whole, group=self.group).flatten(-2)  # (b, l, 2, g, n)
+        return torch.cat([xs, whole[:, :, :, self.rank_group].flatten(-2)], dim=-1)
+
+
+class _GroupSpanningGatedRMSNorm(GatedRMSNorm):
+    """SSD's gated norm when one norm group spans several ranks: the sum of squares of the rank's channels
+    (all in group ``rank_group``) is summed across ranks. x, z: (b, l, d / t)."""
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        wd = torch.promote_types(x.dtype, torch.float32)
+        gate = torch.nn.functional.silu(z.to(wd))
+        v = x.to(wd) if self.norm_before_gate else x.to(wd) * gate
+        sums = v.new_zeros(*v.shape[:-1], self.n_groups)
+        sums[..., self.rank_group] = v.square().sum(-1)
+        sums = all_reduce(sums, group=self.group)[..., self.rank_group : self.rank_group + 1]
+        y = v * torch.rsqrt(sums / self.group_size + self.eps) * local(self.weight).to(wd)
+        return (y * gate if self.norm_before_gate else y).to(x.dtype)
+
+
+_PLANS = {Attention: _attention, SwiGLU: _swiglu, SelectiveSSM: _selective_ssm, SSD: _ssd}

@@ -1,4 +1,5 @@
-"""FSDP2 on 2 gloo processes (CPU) gives the loss and gradients of one process on the whole batch."""
+"""FSDP2 and tensor parallelism on gloo processes (CPU) give the loss and gradients of one process on the
+whole batch; tensor-parallel decode gives the same tokens."""
 
 import json
 import socket
@@ -8,9 +9,52 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ssmblocks import Recipe, build
 from tests.test_model import VOCAB, hybrid
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def single_group_model():
+    """Bamba-like: SSD with one group of B and C (split by state across ranks), biases, per-channel D,
+    norm before gate; attention and a SelectiveSSM with biases."""
+    recipe = Recipe.model_validate(
+        {
+            "name": "one-group",
+            "vocab_size": VOCAB,
+            "d_model": 32,
+            "n_layers": 3,
+            "mixers": {
+                "m": {
+                    "kind": "ssd", "d_state": 8, "head_dim": 8, "n_groups": 1, "chunk_size": 4, "bias": True,
+                    "D_has_hdim": True, "norm_before_gate": True,
+                },
+                "a": {"kind": "attention", "n_heads": 4, "n_kv_heads": 4, "bias": True},
+                "s": {"kind": "selective_ssm", "d_state": 4, "bias": True},
+            },
+            "mlp": {"hidden_dim": 64, "bias": True},
+            "pattern": "m a s",
+        }
+    )  # fmt: skip
+    return build(recipe).eval()
+
+
+def two_group_model():
+    """SSD with 2 groups: on 4 ranks each pair of ranks shares a group."""
+    recipe = Recipe.model_validate(
+        {
+            "name": "two-groups",
+            "vocab_size": VOCAB,
+            "d_model": 32,
+            "n_layers": 2,
+            "mixers": {"m": {"kind": "ssd", "d_state": 8, "head_dim": 8, "n_groups": 2, "chunk_size": 4}},
+            "pattern": "m m",
+        }
+    )
+    return build(recipe).eval()
+
+
+MODELS = {"hybrid": hybrid, "one-group": single_group_model, "two-groups": two_group_model}
 
 
 def _free_port() -> int:
@@ -19,29 +63,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    from ssmblocks.distributed import fully_shard_blocks
+def _relative_errors(got: dict, expected: dict) -> dict:
+    scale = {n: e.abs().max().clamp_min(1e-12) for n, e in expected.items()}
+    return {n: ((g - expected[n]).abs().max() / scale[n]).item() for n, g in got.items()}
+
+
+def _worker(rank: int, world: int, port: int, out: str, parallel: str, model_name: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ssmblocks.distributed import full_state_dict, fully_shard_blocks, tensor_parallel
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        model = hybrid().train()
+        model = MODELS[model_name]().train()
         ids = torch.randint(0, VOCAB, (2 * world, 13), generator=torch.Generator().manual_seed(1))
         full = model(ids, labels=ids).loss  # one process, the whole batch
         full.backward()
         expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+        weights = {n: t.clone() for n, t in model.state_dict().items()}
         model.zero_grad()
-        fully_shard_blocks(model)
-        mine = ids[2 * rank : 2 * rank + 2]
-        loss = model(mine, labels=mine).loss
-        loss.backward()
-        errors = {}
-        for name, param in model.named_parameters():
-            grad = param.grad.full_tensor()
-            errors[name] = ((grad - expected[name]).abs().max() / expected[name].abs().max().clamp_min(1e-12)).item()
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        result = {"loss": mean_loss.item() / world, "expected_loss": full.item(), "grad_errors": errors}
+        result = {"expected_loss": full.item()}
+        if parallel == "fsdp":
+            fully_shard_blocks(model)
+            mine = ids[2 * rank : 2 * rank + 2]  # data parallel: the rank's share of the batch
+            loss = model(mine, labels=mine).loss
+            loss.backward()
+            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            result["loss"] = mean_loss.item() / world
+        else:
+            prompt = ids[:2, :6]
+            expected_tokens = model.eval().generate(prompt, max_new_tokens=8).tolist()
+            tensor_parallel(model.train(), init_device_mesh("cpu", (world,)))
+            loss = model(ids, labels=ids).loss  # every rank runs the whole batch
+            loss.backward()
+            grads = full_state_dict(model, {n: p.grad for n, p in model.named_parameters()})
+            result["loss"] = loss.item()
+            gathered = full_state_dict(model)
+            result["weights_equal"] = gathered.keys() == weights.keys() and all(
+                torch.equal(gathered[n], weights[n]) for n in weights
+            )
+            result["tokens_equal"] = model.eval().generate(prompt, max_new_tokens=8).tolist() == expected_tokens
+        result["grad_errors"] = _relative_errors(grads, expected)
         with open(f"{out}.{rank}", "w") as f:
             json.dump(result, f)
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
@@ -49,12 +114,33 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_fsdp2_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize(
+    "parallel, model_name, world",
+    [("fsdp", "hybrid", 2), ("tp", "hybrid", 2), ("tp", "one-group", 2), ("tp", "two-groups", 4)],
+)
+def test_parallel_processes_match_one(tmp_path, parallel, model_name, world):
     out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2)
-    for rank in range(2):
+    mp.spawn(_worker, args=(world, _free_port(), out, parallel, model_name), nprocs=world)
+    n_params = len(list(MODELS[model_name]().parameters()))
+    for rank in range(world):
         result = json.load(open(f"{out}.{rank}"))
         assert abs(result["loss"] - result["expected_loss"]) < 1e-5 * abs(result["expected_loss"])
+        assert len(result["grad_errors"]) == n_params
         worst = max(result["grad_errors"].items(), key=lambda kv: kv[1])
-        assert len(result["grad_errors"]) == len(list(hybrid().parameters()))
         assert worst[1] < 1e-5, worst
+        if parallel == "tp":
+            assert result["weights_equal"], "full_state_dict does not give back the checkpoint-ordered weights"
+            assert result["tokens_equal"], "tensor-parallel decode differs from one process"
+
+
+def test_tensor_parallel_refuses_unsplittable_layers():
+    """Checked before anything is changed; the error names the layer and the size."""
+    from types import SimpleNamespace
+
+    from ssmblocks.distributed import tensor_parallel
+
+    model = hybrid()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layers\.0\.mixer: d_inner=64 is not divisible by 3 ranks"):
+        tensor_parallel(model, SimpleNamespace(size=lambda: 3, get_local_rank=lambda: 0))
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())

@@ -11,6 +11,7 @@ from ..errors import check_positive
 from ..ops.conv import causal_conv1d
 from ..state import ConvState
 from ._entry import SequenceLayer
+from ._local import local
 
 
 class CausalConv1d(SequenceLayer):
@@ -63,7 +64,7 @@ class CausalConv1d(SequenceLayer):
     ) -> torch.Tensor:
         """The convolution alone (no checks): x (b, l, channels); conv_state (b, channels, k-1) or None;
         mask (b, l) bool left padding, whose padded inputs are skipped."""
-        return causal_conv1d(x, self.weight, self.bias, self.activation, conv_state, mask)
+        return causal_conv1d(x, local(self.weight), local(self.bias), self.activation, conv_state, mask)
 
     @property
     def width(self) -> int:

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..errors import ShapeError, check_positive
 from ..ops.norm import gated_rms_norm, rms_norm
+from ._local import local
 
 
 def _check_last_dim(x: torch.Tensor, dim: int, layer: str) -> None:
@@ -67,7 +68,7 @@ class GatedRMSNorm(nn.Module):
         _check_last_dim(x, self.dim, name)
         if z.shape != x.shape:
             raise ShapeError(f"{name}: gate z has shape {tuple(z.shape)}, x has {tuple(x.shape)}; they must match")
-        return gated_rms_norm(x, z, self.weight, self.eps, self.group_size, self.norm_before_gate)
+        return gated_rms_norm(x, z, local(self.weight), self.eps, self.group_size, self.norm_before_gate)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, group_size={self.group_size}, norm_before_gate={self.norm_before_gate}"

@@ -13,6 +13,7 @@ from ..ops.selective_scan import selective_scan, selective_scan_step
 from ..state import SSMState
 from ._entry import SequenceLayer
 from ._init import KeepFloat32, at_least_float32, dt_bias_init
+from ._local import local
 from .conv import CausalConv1d
 
 
@@ -110,11 +111,11 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
         dt = F.softplus(at_least_float32(self.dt_proj(dt)))  # (b, l, e)
         if mask is not None:
             dt = dt * mask[..., None]  # dt = 0: no decay, no input
-        A = -torch.exp(self.A_log)
+        A, D = -torch.exp(local(self.A_log)), local(self.D)
         if state is not None and x.shape[1] == 1:
-            y = selective_scan_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.ssm, self.D, z[:, 0])[:, None]
+            y = selective_scan_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.ssm, D, z[:, 0])[:, None]
         else:
-            y, final = selective_scan(xs, dt, A, B, C, self.D, z, None if state is None else state.ssm)
+            y, final = selective_scan(xs, dt, A, B, C, D, z, None if state is None else state.ssm)
             if state is not None:
                 state.ssm.copy_(final)
         return self.out_proj(y)

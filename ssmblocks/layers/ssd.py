@@ -13,6 +13,7 @@ from ..ops.ssd import ssd_chunked, ssd_step
 from ..state import SSMState
 from ._entry import SequenceLayer
 from ._init import KeepFloat32, at_least_float32, dt_bias_init
+from ._local import local
 from .conv import CausalConv1d
 from .norm import GatedRMSNorm
 
@@ -129,12 +130,12 @@ class SSD(KeepFloat32, SequenceLayer):
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, h], dim=-1)
         xbc = self.conv1d.conv(xbc, None if state is None else state.conv, mask)
         xs, B, C = xbc.split([self.d_inner, g * n, g * n], dim=-1)
-        dt = F.softplus(at_least_float32(dt) + self.dt_bias).clamp(*self.dt_limit)  # (b, l, h)
+        dt = F.softplus(at_least_float32(dt) + local(self.dt_bias)).clamp(*self.dt_limit)  # (b, l, h)
         if mask is not None:
             dt = dt * mask[..., None]  # dt = 0: no decay, no input
             xs = xs * mask[..., None]
-        A = -torch.exp(self.A_log)
-        D = self.D.view(h, p) if self.D.numel() == self.d_inner else self.D
+        A, D = -torch.exp(local(self.A_log)), local(self.D)
+        D = D.view(h, p) if D.numel() == self.d_inner else D
         xs, B, C = xs.view(b, l, h, p), B.view(b, l, g, n), C.view(b, l, g, n)
         if state is not None and l == 1:
             y = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.ssm, D)[:, None]
