@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 # Parameters that weight decay must not shrink: the SSM dynamics (A_log, D, dt biases), norms and biases.
 _NO_DECAY_NAMES = ("A_log", "D", "dt_bias", "bias")
@@ -37,3 +41,21 @@ def lora_targets(model: nn.Module, exclude: tuple[str, ...] = ("lm_head",)) -> l
     model has (mixer projections, attention, MLP), the LM head excluded by default. PEFT matches these
     names as module-name suffixes, so each covers that kind in every block."""
     return sorted(kind for kind in linear_layers(model) if kind not in exclude)
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale gradients so their total 2-norm is at most max_norm; returns the norm before clipping.
+
+    Like torch.nn.utils.clip_grad_norm_, but also for models whose parameters mix DTensors and plain
+    tensors (ssmblocks.distributed.tensor_parallel splits the layers and replicates the rest): a DTensor's
+    gradient counts with its whole tensor, a plain one once. Call it on every rank (it is collective there).
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+    norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        (g.to_local() if isinstance(g, DTensor) else g).mul_(scale.to(g.dtype))
+    return total

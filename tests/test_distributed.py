@@ -72,6 +72,7 @@ def _worker(rank: int, world: int, port: int, out: str, parallel: str, model_nam
     from torch.distributed.device_mesh import init_device_mesh
 
     from ssmblocks.distributed import full_state_dict, fully_shard_blocks, tensor_parallel
+    from ssmblocks.training import clip_grad_norm_
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -81,9 +82,12 @@ def _worker(rank: int, world: int, port: int, out: str, parallel: str, model_nam
         full = model(ids, labels=ids).loss  # one process, the whole batch
         full.backward()
         expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+        result = {
+            "expected_loss": full.item(),
+            "expected_norm": torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9),
+        }
         weights = {n: t.clone() for n, t in model.state_dict().items()}
         model.zero_grad()
-        result = {"expected_loss": full.item()}
         if parallel == "fsdp":
             fully_shard_blocks(model)
             mine = ids[2 * rank : 2 * rank + 2]  # data parallel: the rank's share of the batch
@@ -107,6 +111,8 @@ def _worker(rank: int, world: int, port: int, out: str, parallel: str, model_nam
             )
             result["tokens_equal"] = model.eval().generate(prompt, max_new_tokens=8).tolist() == expected_tokens
         result["grad_errors"] = _relative_errors(grads, expected)
+        result["norm"] = clip_grad_norm_(model.parameters(), 1e9).item()  # the gathered gradients' norm
+        result["expected_norm"] = result["expected_norm"].item()
         with open(f"{out}.{rank}", "w") as f:
             json.dump(result, f)
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
@@ -128,6 +134,7 @@ def test_parallel_processes_match_one(tmp_path, parallel, model_name, world):
         assert len(result["grad_errors"]) == n_params
         worst = max(result["grad_errors"].items(), key=lambda kv: kv[1])
         assert worst[1] < 1e-5, worst
+        assert abs(result["norm"] - result["expected_norm"]) < 1e-5 * result["expected_norm"]
         if parallel == "tp":
             assert result["weights_equal"], "full_state_dict does not give back the checkpoint-ordered weights"
             assert result["tokens_equal"], "tensor-parallel decode differs from one process"

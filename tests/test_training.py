@@ -3,7 +3,7 @@
 import torch
 
 import ssmblocks
-from ssmblocks.training import param_groups
+from ssmblocks.training import clip_grad_norm_, param_groups
 from tests.helpers import assert_close
 from tests.test_model import VOCAB, hybrid
 
@@ -63,3 +63,19 @@ def test_bf16_autocast_trains_with_ssm_parameters_and_norms_in_float32():
     for name, param in model.named_parameters():
         assert param.dtype == torch.float32, name  # autocast computes in bf16, parameters stay float32
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+def test_clip_grad_norm_matches_torch_on_a_plain_model():
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    ours, theirs = hybrid(), hybrid()
+    theirs.load_state_dict(ours.state_dict())
+    for model in (ours, theirs):
+        model(ids, labels=ids).loss.backward()
+    total = clip_grad_norm_(ours.parameters(), 0.5)
+    expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5)
+    assert_close(total, expected, 1e-6)
+    assert total > 0.5, "the test must clip"
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert_close(p.grad, q.grad, 1e-5, name)
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ours.parameters()]))
+    assert abs(clipped.item() - 0.5) < 1e-4

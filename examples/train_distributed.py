@@ -1,0 +1,175 @@
+"""Train a recipe's model on several processes with PyTorch's own engine: FSDP2 or tensor parallelism.
+
+    torchrun --nproc_per_node 2 examples/train_distributed.py --parallel fsdp        # CPU: gloo
+    torchrun --nproc_per_node 2 examples/train_distributed.py --parallel tp --device cuda --recipe hybrid-bamba-1b \
+        --batch 8 --seqlen 2048 --steps 50 --autocast --metrics tp.json --baseline one_gpu.json
+
+--parallel fsdp: data parallel, each rank trains on its share of the global batch with sharded parameters.
+--parallel tp: every rank runs the whole batch; each layer's heads are split across the ranks.
+--parallel none: one process (the baseline a parallel run is compared with; run it with nproc_per_node 1).
+The data is generated (sequences whose second half repeats the first), the same global batch at each step
+for every layout, so the loss curves of all three agree up to rounding. Prints loss per step, tokens/s per
+process and peak memory per process; --metrics writes them as JSON, --baseline compares the loss curve with
+such a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import ssmblocks
+from ssmblocks.distributed import fully_shard_blocks, tensor_parallel
+from ssmblocks.training import clip_grad_norm_, param_groups
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+TINY = {  # a small hybrid for trying the layouts on a CPU
+    "name": "tiny-hybrid",
+    "vocab_size": 256,
+    "d_model": 64,
+    "n_layers": 4,
+    "mixers": {
+        "m": {"kind": "ssd", "d_state": 16, "head_dim": 16, "n_groups": 1, "chunk_size": 16},
+        "a": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "rotary_fraction": 0.5},
+    },
+    "mlp": {"hidden_dim": 128},
+    "pattern": "m m a m",
+}
+
+
+def repeated_halves(step: int, batch: int, seqlen: int, vocab: int, seed: int) -> torch.Tensor:
+    """(batch, seqlen) token ids whose second half repeats the first: the same for every rank at a step."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    half = torch.randint(0, vocab, (batch, (seqlen + 1) // 2), generator=generator)
+    return torch.cat([half, half], dim=1)[:, :seqlen]
+
+
+def load_recipe(name: str | None) -> ssmblocks.Recipe:
+    if name is None:
+        return ssmblocks.Recipe.model_validate(TINY)
+    path = Path(name) if Path(name).exists() else RECIPES / f"{name}.yaml"
+    return ssmblocks.Recipe.from_yaml(path)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # the process's peak RSS
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parallel", choices=["fsdp", "tp", "none"], default="fsdp")
+    parser.add_argument("--recipe", help="a recipe name in recipes/ or a YAML path (default: a tiny hybrid)")
+    parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per process)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8, help="global batch (sequences per step, all ranks)")
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: none)")
+    parser.add_argument("--autocast", action="store_true", help="bf16 autocast (parameters stay float32)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--metrics", help="write loss curve, tokens/s and peak memory here (JSON, rank 0)")
+    parser.add_argument("--baseline", help="metrics JSON of another run: print the largest loss difference")
+    args = parser.parse_args(argv)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.parallel == "none" and world != 1:
+        parser.error("--parallel none runs one process: torchrun --nproc_per_node 1")
+    if args.parallel == "fsdp" and args.batch % world:
+        parser.error(f"--batch {args.batch} must be divisible by the {world} processes")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world > 1 or args.parallel != "none":
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    recipe = load_recipe(args.recipe)
+    torch.manual_seed(args.seed)  # every rank builds the same model
+    model = ssmblocks.build(recipe, device=device)
+    model.gradient_checkpointing = args.gradient_checkpointing
+    n_params = model.num_parameters()
+    if args.parallel != "none":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (world,))
+        (fully_shard_blocks if args.parallel == "fsdp" else tensor_parallel)(model, mesh)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    if rank == 0:
+        print(f"{recipe.name}: {n_params / 1e6:.1f}M parameters, {args.parallel} on {world} x {device.type}")
+
+    losses, step_times = [], []
+    for step in range(args.steps):
+        ids = repeated_halves(step, args.batch, args.seqlen, recipe.vocab_size, args.seed).to(device)
+        if args.parallel == "fsdp":
+            ids = ids.chunk(world)[rank]
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        if args.clip:
+            clip_grad_norm_(model.parameters(), args.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss.detach()
+        if args.parallel == "fsdp":  # equal shares: the mean of the ranks' losses is the global batch's
+            dist.all_reduce(loss)
+            loss /= world
+        losses.append(loss.item())  # a host read: the step is finished
+        step_times.append(time.perf_counter() - start)
+        if rank == 0:
+            print(f"step {step:4d}  loss {losses[-1]:.5f}  {step_times[-1] * 1e3:8.1f} ms")
+
+    timed = step_times[args.warmup :] or step_times
+    tokens_per_s = args.batch * args.seqlen * len(timed) / sum(timed)
+    metrics = {
+        "recipe": recipe.name,
+        "parameters": n_params,
+        "parallel": args.parallel,
+        "processes": world,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "batch": args.batch,
+        "seqlen": args.seqlen,
+        "autocast_bf16": args.autocast,
+        "losses": losses,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_process": tokens_per_s / world,
+        "peak_memory_mib_per_process": peak_memory_mib(device),
+    }
+    memory = torch.tensor([metrics["peak_memory_mib_per_process"]], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+        metrics["peak_memory_mib_per_process"] = memory.item()  # the largest over the ranks
+    if rank == 0:
+        print(
+            f"tokens/s {tokens_per_s:.0f} ({metrics['tokens_per_s_per_process']:.0f} per process), "
+            f"peak memory per process {metrics['peak_memory_mib_per_process']:.0f} MiB"
+        )
+        if args.baseline:
+            base = json.loads(Path(args.baseline).read_text())["losses"]
+            diffs = [abs(a - b) for a, b in zip(losses, base, strict=False)]
+            metrics["max_loss_difference_to_baseline"] = max(diffs)
+            print(f"largest loss difference to {args.baseline} over {len(diffs)} steps: {max(diffs):.3g}")
+        if args.metrics:
+            Path(args.metrics).write_text(json.dumps(metrics, indent=1))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
