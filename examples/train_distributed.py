@@ -8,9 +8,9 @@
 --parallel tp: every rank runs the whole batch; each layer's heads are split across the ranks.
 --parallel none: one process (the baseline a parallel run is compared with; run it with nproc_per_node 1).
 The data is generated (sequences whose second half repeats the first), the same global batch at each step
-for every layout, so the loss curves of all three agree up to rounding. Prints loss per step, tokens/s per
-process and peak memory per process; --metrics writes them as JSON, --baseline compares the loss curve with
-such a file.
+for every layout, so the loss curves of all three agree up to rounding. Before training, a few tokens are decoded greedily
+(float32, eager). Prints loss per step, tokens/s per process and peak memory per process; --metrics writes
+them as JSON, --baseline compares the loss curve and the decoded tokens with such a file.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decode", type=int, default=16, help="greedy tokens decoded before training (0: none)")
     parser.add_argument("--metrics", help="write loss curve, tokens/s and peak memory here (JSON, rank 0)")
     parser.add_argument("--baseline", help="metrics JSON of another run: print the largest loss difference")
     args = parser.parse_args(argv)
@@ -110,6 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     if rank == 0:
         print(f"{recipe.name}: {n_params / 1e6:.1f}M parameters, {args.parallel} on {world} x {device.type}")
+
+    decoded = None
+    if args.decode:  # before training, so every layout decodes with the same weights (float32, eager)
+        prompt = repeated_halves(-1, 2, 16, recipe.vocab_size, args.seed).to(device)
+        decoded = model.eval().generate(prompt, max_new_tokens=args.decode, cuda_graph=False)[:, 16:].tolist()
+        model.train()
 
     losses, step_times = [], []
     for step in range(args.steps):
@@ -145,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seqlen": args.seqlen,
         "autocast_bf16": args.autocast,
         "losses": losses,
+        "decoded": decoded,
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_per_process": tokens_per_s / world,
         "peak_memory_mib_per_process": peak_memory_mib(device),
@@ -163,6 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
             diffs = [abs(a - b) for a, b in zip(losses, base, strict=False)]
             metrics["max_loss_difference_to_baseline"] = max(diffs)
             print(f"largest loss difference to {args.baseline} over {len(diffs)} steps: {max(diffs):.3g}")
+            base_decoded = json.loads(Path(args.baseline).read_text())["decoded"]
+            if decoded is not None and base_decoded is not None:
+                metrics["decoded_equal_to_baseline"] = decoded == base_decoded
+                print(f"decoded tokens equal to the baseline's: {decoded == base_decoded}")
         if args.metrics:
             Path(args.metrics).write_text(json.dumps(metrics, indent=1))
     if dist.is_initialized():

@@ -36,7 +36,7 @@ def sample_next(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: its tensors could not be updated in training later (FSDP2's buffers)
 def stream(
     model,
     input_ids: torch.Tensor,

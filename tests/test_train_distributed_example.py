@@ -35,3 +35,4 @@ def test_fsdp_and_tensor_parallel_follow_one_process(tmp_path):
         run = torchrun(tmp_path, 2, parallel, "--baseline", str(tmp_path / "none.json"))
         assert run["processes"] == 2
         assert run["max_loss_difference_to_baseline"] < 1e-5 * max(one["losses"]), (parallel, run["losses"])
+        assert run["decoded_equal_to_baseline"] and len(run["decoded"][0]) == 16
