@@ -8,9 +8,9 @@
 --parallel tp: every rank runs the whole batch; each layer's heads are split across the ranks.
 --parallel none: one process (the baseline a parallel run is compared with; run it with nproc_per_node 1).
 The data is generated (sequences whose second half repeats the first), the same global batch at each step
-for every layout, so the loss curves of all three agree up to rounding. Before training, a few tokens are decoded greedily
-(float32, eager). Prints loss per step, tokens/s per process and peak memory per process; --metrics writes
-them as JSON, --baseline compares the loss curve and the decoded tokens with such a file.
+for every layout, so the loss curves of all three agree up to rounding. Before training, a few tokens are
+decoded greedily (float32, eager). Prints loss per step, tokens/s per process and peak memory per process;
+--metrics writes them as JSON, --baseline compares the loss curve and the decoded tokens with such a file.
 """
 
 from __future__ import annotations
