@@ -3,13 +3,13 @@
 # on NPROC GPUs with the same global batches; each parallel run prints its largest loss difference to the
 # baseline and whether its greedy decode (before training) gave the baseline's tokens.
 #   bash benchmarks/multi_gpu.sh OUTDIR [NPROC=2] [more train_distributed.py options]
-# Default model: recipes/hybrid-bamba-1b.yaml (1.2B), global batch 8 x 2048 tokens, 50 steps, bf16 autocast.
+# Default model: recipes/hybrid-bamba-1b.yaml (1.2B), global batch 8 x 2048 tokens, 50 steps, bf16 autocast, gradient checkpointing.
 set -euo pipefail
 out=${1:?usage: multi_gpu.sh OUTDIR [NPROC] [options]}
 nproc=${2:-2}
 shift $(($# < 2 ? $# : 2))
 mkdir -p "$out"
-args=(--device cuda --recipe hybrid-bamba-1b --batch 8 --seqlen 2048 --steps 50 --autocast "$@")
+args=(--device cuda --recipe hybrid-bamba-1b --batch 8 --seqlen 2048 --steps 50 --autocast --gradient-checkpointing "$@")
 run() { torchrun --standalone --nproc_per_node "$1" examples/train_distributed.py "${@:2}"; }
 run 1 --parallel none "${args[@]}" --metrics "$out/one_gpu.json" | tee "$out/one_gpu.log"
 for parallel in fsdp tp; do
