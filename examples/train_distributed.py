@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences per step, all ranks)")
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr-warmup", type=int, default=10, help="steps of linear learning-rate warmup")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: none)")
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast (parameters stay float32)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
+    parser.add_argument("--timing-warmup", type=int, default=3, help="first steps left out of the timing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--decode", type=int, default=16, help="greedy tokens decoded before training (0: none)")
     parser.add_argument("--metrics", help="write loss curve, tokens/s and peak memory here (JSON, rank 0)")
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         mesh = init_device_mesh(device.type, (world,))
         (fully_shard_blocks if args.parallel == "fsdp" else tensor_parallel)(model, mesh)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (args.lr_warmup + 1)))
     if rank == 0:
         print(f"{recipe.name}: {n_params / 1e6:.1f}M parameters, {args.parallel} on {world} x {device.type}")
 
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.clip:
             clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         loss = loss.detach()
         if args.parallel == "fsdp":  # equal shares: the mean of the ranks' losses is the global batch's
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         if rank == 0:
             print(f"step {step:4d}  loss {losses[-1]:.5f}  {step_times[-1] * 1e3:8.1f} ms")
 
-    timed = step_times[args.warmup :] or step_times
+    timed = step_times[args.timing_warmup :] or step_times
     tokens_per_s = args.batch * args.seqlen * len(timed) / sum(timed)
     metrics = {
         "recipe": recipe.name,

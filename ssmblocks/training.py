@@ -13,17 +13,22 @@ _NO_DECAY_NAMES = ("A_log", "D", "dt_bias", "bias")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two optimizer groups: weight matrices and embeddings decay; A_log, D, dt_bias, every norm weight
-    and every bias do not (as the Mamba papers train). Pass the result to e.g. ``torch.optim.AdamW``."""
+    """Optimizer groups: weight matrices and embeddings decay; A_log, D, dt_bias, every norm weight and
+    every bias do not (as the Mamba papers train). Pass the result to e.g. ``torch.optim.AdamW``.
+
+    Two groups, decay first; after tensor_parallel, whose split parameters are DTensors and the rest plain
+    tensors, four, so no group mixes the two kinds (foreach optimizers cannot)."""
     norms = tuple(m for m in model.modules() if "Norm" in type(m).__name__)
     norm_params = {id(p) for m in norms for p in m.parameters(recurse=False)}
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         exempt = name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES or id(param) in norm_params
-        (no_decay if exempt else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups.setdefault((isinstance(param, DTensor), exempt), []).append(param)
+    return [
+        {"params": ps, "weight_decay": 0.0 if exempt else weight_decay} for (_, exempt), ps in sorted(groups.items())
+    ]
 
 
 def linear_layers(model: nn.Module) -> dict[str, list[str]]:

@@ -1,6 +1,7 @@
 """FSDP2 and tensor parallelism on gloo processes (CPU) give the loss and gradients of one process on the
 whole batch; tensor-parallel decode gives the same tokens."""
 
+import copy
 import json
 import socket
 
@@ -72,7 +73,10 @@ def _worker(rank: int, world: int, port: int, out: str, parallel: str, model_nam
     from torch.distributed.device_mesh import init_device_mesh
 
     from ssmblocks.distributed import full_state_dict, fully_shard_blocks, tensor_parallel
-    from ssmblocks.training import clip_grad_norm_
+    from ssmblocks.training import clip_grad_norm_, param_groups
+
+    def sgd_step(m):  # foreach: fails if a parameter group mixes DTensors and plain tensors
+        torch.optim.SGD(param_groups(m, 0.1), lr=0.1, momentum=0.9, foreach=True).step()
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -87,6 +91,11 @@ def _worker(rank: int, world: int, port: int, out: str, parallel: str, model_nam
             "expected_norm": torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9),
         }
         weights = {n: t.clone() for n, t in model.state_dict().items()}
+        reference = copy.deepcopy(model)  # deepcopy leaves the gradients behind
+        for ref_param, param in zip(reference.parameters(), model.parameters(), strict=True):
+            ref_param.grad = param.grad.clone()
+        sgd_step(reference)
+        stepped = reference.state_dict()
         model.zero_grad()
         if parallel == "fsdp":
             fully_shard_blocks(model)
@@ -111,6 +120,9 @@ def _worker(rank: int, world: int, port: int, out: str, parallel: str, model_nam
             )
             result["tokens_equal"] = model.eval().generate(prompt, max_new_tokens=8).tolist() == expected_tokens
         result["grad_errors"] = _relative_errors(grads, expected)
+        sgd_step(model)
+        result["step_errors"] = _relative_errors(full_state_dict(model), stepped)
+        result["step_changes"] = _relative_errors(stepped, weights)
         result["norm"] = clip_grad_norm_(model.parameters(), 1e9).item()  # the gathered gradients' norm
         result["expected_norm"] = result["expected_norm"].item()
         with open(f"{out}.{rank}", "w") as f:
@@ -135,6 +147,9 @@ def test_parallel_processes_match_one(tmp_path, parallel, model_name, world):
         worst = max(result["grad_errors"].items(), key=lambda kv: kv[1])
         assert worst[1] < 1e-5, worst
         assert abs(result["norm"] - result["expected_norm"]) < 1e-5 * result["expected_norm"]
+        worst = max(result["step_errors"].items(), key=lambda kv: kv[1])
+        assert worst[1] < 1e-6, f"weights after one optimizer step: {worst}"
+        assert max(result["step_changes"].values()) > 1e-2, "the step must change the weights"
         if parallel == "tp":
             assert result["weights_equal"], "full_state_dict does not give back the checkpoint-ordered weights"
             assert result["tokens_equal"], "tensor-parallel decode differs from one process"
