@@ -7,10 +7,11 @@
 --parallel fsdp: data parallel, each rank trains on its share of the global batch with sharded parameters.
 --parallel tp: every rank runs the whole batch; each layer's heads are split across the ranks.
 --parallel none: one process (the baseline a parallel run is compared with; run it with nproc_per_node 1).
-The data is generated (sequences whose second half repeats the first), the same global batch at each step
-for every layout, so the loss curves of all three agree up to rounding. Before training, a few tokens are
-decoded greedily (float32, eager). Prints loss per step, tokens/s per process and peak memory per process;
---metrics writes them as JSON, --baseline compares the loss curve and the decoded tokens with such a file.
+The data is generated (Zipf-distributed tokens, the second half of each sequence repeating the first), the
+same global batch at each step for every layout, so the loss curves of all three agree up to rounding.
+Before training, a few tokens are decoded greedily (float32, eager). Prints loss per step, tokens/s per
+process and peak memory per process; --metrics writes them as JSON, --baseline compares the loss curve and
+the decoded tokens with such a file.
 """
 
 from __future__ import annotations
@@ -46,9 +47,12 @@ TINY = {  # a small hybrid for trying the layouts on a CPU
 
 
 def repeated_halves(step: int, batch: int, seqlen: int, vocab: int, seed: int) -> torch.Tensor:
-    """(batch, seqlen) token ids whose second half repeats the first: the same for every rank at a step."""
+    """(batch, seqlen) token ids whose second half repeats the first, the first drawn from a Zipf law over
+    the vocabulary (so the loss falls early, from the token frequencies, then from the copying). The same for
+    every rank at a given step."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    half = torch.randint(0, vocab, (batch, (seqlen + 1) // 2), generator=generator)
+    zipf = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64) ** 1.1
+    half = torch.multinomial(zipf.expand(batch, -1), (seqlen + 1) // 2, replacement=True, generator=generator)
     return torch.cat([half, half], dim=1)[:, :seqlen]
 
 
