@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernel import cpu_ops
 from .ssd import update_state
 
 # Largest |log decay| inside one chunk for which exp(+-log decay) is safe in float32, backward included.
@@ -52,10 +53,20 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_siz
     start), the states are h_t = exp(L_t) * (h_start + cumsum_s(exp(-L_s) * u_s)), u_s = dt_s x_s B_s, the
     cumulative sum being a matmul with a triangle of ones. That factorisation needs |L| small enough for
     exp(-L); a chunk that decays further than that gets its states from a log-depth (Hillis-Steele) scan
-    instead, which only multiplies decays <= 1. Without autograd the loop runs in place in reused buffers.
-    Returns (y, final_state).
+    instead, which only multiplies decays <= 1. Without autograd the loop runs in place in reused buffers,
+    and on the CPU the fused C++ kernel (selective_scan_cpu.cpp, one pass over time) replaces it when it
+    builds. Returns (y, final_state).
     """
     wd = _work_dtype(x)
+    inputs = (x, dt, A, B, C, D, z, initial_state)
+    if (
+        x.device.type == "cpu"
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
+        and not torch.compiler.is_compiling()
+        and (ops := cpu_ops()) is not None
+    ):
+        y, h = ops.selective_scan(*(None if t is None else t.to(wd) for t in inputs))
+        return y.to(x.dtype), h
     b, l, e = x.shape
     A, xw, dt, B, C = A.to(wd), x.to(wd), dt.to(wd), B.to(wd), C.to(wd)
     h = x.new_zeros(b, e, A.shape[-1], dtype=wd) if initial_state is None else initial_state.to(wd, copy=True)
