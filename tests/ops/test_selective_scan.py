@@ -19,6 +19,14 @@ from tests.helpers import assert_close, step_through
 # ``ssmblocks.ops.selective_scan`` names the function (re-exported), so reach the module through importlib.
 SCAN = importlib.import_module("ssmblocks.ops.selective_scan")
 
+
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch):
+    """These tests hold the torch paths; the C++ kernel that replaces the no-grad one on the CPU is tested
+    in test_selective_scan_cpu_kernel.py."""
+    monkeypatch.setattr(SCAN, "cpu_ops", lambda: None)
+
+
 TOL64 = 1e-10  # float64 fast path vs float64 reference
 TOL32 = 1e-5  # float32 fast path vs float64 reference on the same (float32-rounded) inputs
 TOL32_GRAD = 1e-4  # float32 gradients vs float64 reference gradients

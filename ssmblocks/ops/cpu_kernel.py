@@ -1,0 +1,47 @@
+"""The C++ CPU kernels (``selective_scan_cpu.cpp``), compiled on first use with torch.utils.cpp_extension.
+
+Building needs a C++ compiler and ninja (a dependency: the pip package) and takes seconds, once: the library
+lands in torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``),
+later processes load it from there, and it is rebuilt when the source or the flags change. When it cannot
+be built or loaded, the callers keep their torch paths, after one warning per process."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("selective_scan_cpu.cpp")
+
+
+@functools.cache
+def cpu_ops():
+    """``torch.ops.ssmblocks_cpu`` once the kernels are built and loaded; None if they cannot be."""
+    # ATen's parallel_for is a header template that runs threads only when compiled with the OpenMP it uses.
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+    try:
+        from torch.utils.cpp_extension import load
+
+        if shutil.which("ninja") is None:  # pip's ninja sits next to python, off PATH in a non-activated venv
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        load(
+            name="ssmblocks_cpu",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-Wno-psabi", *openmp],
+            extra_ldflags=openmp,
+            is_python_module=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, a failed build: the torch paths still work
+        warnings.warn(
+            f"ssmblocks: the C++ CPU kernels could not be built ({type(exc).__name__}: {exc}); "
+            "using the slower torch paths",
+            stacklevel=2,
+        )
+        return None
+    return torch.ops.ssmblocks_cpu
