@@ -1,4 +1,8 @@
-"""RMS norms, computed in float32 (or float64) and returned in the input's dtype."""
+"""RMS norms, computed in float32 (or float64) and returned in the input's dtype.
+
+One pass for the sums of squares (``vector_norm``) and, without autograd, scaling in place: fewer passes over
+memory and fewer fresh buffers than ``F.rms_norm`` on CPU (81 -> 25 ms for 4 x 2048 x 1536, docs/benchmarks.md).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,23 @@ import torch
 import torch.nn.functional as F
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None) -> torch.Tensor:
-    """x: (..., d); weight: (d,). Normalises each group of ``group_size`` channels (all d when None).
+def _normalise(v: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int, own: bool) -> torch.Tensor:
+    """v / rms(v) * weight per group of ``group_size`` channels; v: (..., d) float. ``own``: v is a buffer of
+    this function's caller, which may be overwritten when no gradient is needed."""
+    d = v.shape[-1]
+    groups = v.unflatten(-1, (d // group_size, group_size))
+    inv_rms = (torch.linalg.vector_norm(groups, dim=-1, keepdim=True).square() / group_size + eps).rsqrt()
+    weight = weight.to(v.dtype)
+    if torch.is_grad_enabled() and (v.requires_grad or weight.requires_grad):
+        return (groups * inv_rms).flatten(-2) * weight
+    scaled = groups.mul_(inv_rms) if own else groups * inv_rms
+    return scaled.flatten(-2).mul_(weight)
 
-    Computed in float32 (float64 stays float64) by torch's fused rms_norm, then cast back to x's dtype.
-    """
-    d = x.shape[-1]
-    group_size = group_size or d
-    xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (d // group_size, group_size))
-    normed = F.rms_norm(xf, (group_size,), eps=eps).flatten(-2)
-    return (normed * weight.to(normed.dtype)).to(x.dtype)
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None) -> torch.Tensor:
+    """x: (..., d); weight: (d,). Normalises each group of ``group_size`` channels (all d when None)."""
+    wd = torch.promote_types(x.dtype, torch.float32)
+    return _normalise(x.to(wd), weight, eps, group_size or x.shape[-1], own=x.dtype != wd).to(x.dtype)
 
 
 def gated_rms_norm(
@@ -28,7 +39,8 @@ def gated_rms_norm(
 ) -> torch.Tensor:
     """Gated RMS norm. x, z: (..., d). norm_before_gate=False: norm(x * silu(z)); True: norm(x) * silu(z)."""
     wd = torch.promote_types(x.dtype, torch.float32)
+    group_size = group_size or x.shape[-1]
     gate = F.silu(z.to(wd))
     if norm_before_gate:
-        return (rms_norm(x.to(wd), weight, eps, group_size) * gate).to(x.dtype)
-    return rms_norm(x.to(wd) * gate, weight, eps, group_size).to(x.dtype)
+        return (_normalise(x.to(wd), weight, eps, group_size, own=x.dtype != wd) * gate).to(x.dtype)
+    return _normalise(x.to(wd) * gate, weight, eps, group_size, own=True).to(x.dtype)

@@ -73,7 +73,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: 
 
     Per chunk of c steps: (1) outputs from inputs of the same chunk through the masked decay matrix,
     (2) each chunk's end state from its own inputs, (3) chunk start states by passing the state from
-    chunk to chunk, (4) outputs from the chunk start state. The tail is zero-padded with dt = 0, which
+    chunk to chunk, (4) outputs from the chunk start state (3 and 4 in one loop over chunks). The tail is zero-padded with dt = 0, which
     leaves the final state unchanged. Returns (y, final_state).
     """
     wd = _work_dtype(x)
@@ -106,17 +106,14 @@ def ssd_chunked(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: 
     to_end = torch.exp((a_cum64[:, :, -1:] - a_cum64).to(wd))  # (b, k, c, g, r), <= 1
     chunk_states = torch.einsum("bkjgn,bkjgrp->bkgrpn", Bs, xdt * to_end[..., None])
 
-    # (3) pass the state across chunks
+    # (3) pass the state from chunk to chunk and (4) add each chunk's output from its start state:
+    # y_i += exp(a_i) C_i . state_start, one chunk at a time (no (b, k, h, p, n) tensor of start states)
     state = x.new_zeros(b, g, r, p, n, dtype=wd) if initial_state is None else initial_state.to(wd).view(b, g, r, p, n)
     chunk_decay = torch.exp(a_cum[:, :, -1])[..., None, None]  # (b, k, g, r, 1, 1)
-    starts = []
+    from_start = torch.exp(a_cum)[..., None]  # (b, k, c, g, r, 1)
     for i in range(k):
-        starts.append(state)
-        state = chunk_decay[:, i] * state + chunk_states[:, i]
-    starts = torch.stack(starts, dim=1)  # (b, k, g, r, p, n)
-
-    # (4) contribution of the chunk start state
-    y = y + torch.einsum("bkign,bkgrpn->bkigrp", Cs, starts) * torch.exp(a_cum)[..., None]
+        y[:, i] += torch.einsum("bign,bgrpn->bigrp", Cs[:, i], state) * from_start[:, i]
+        state = torch.addcmul(chunk_states[:, i], chunk_decay[:, i], state)
 
     y = y.reshape(b, k * c, h, p)[:, :l]
     y = _finish(y, xw, D, z)
