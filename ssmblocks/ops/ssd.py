@@ -73,8 +73,8 @@ def ssd_chunked(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: 
 
     Per chunk of c steps: (1) outputs from inputs of the same chunk through the masked decay matrix,
     (2) each chunk's end state from its own inputs, (3) chunk start states by passing the state from
-    chunk to chunk, (4) outputs from the chunk start state (3 and 4 in one loop over chunks). The tail is zero-padded with dt = 0, which
-    leaves the final state unchanged. Returns (y, final_state).
+    chunk to chunk, (4) outputs from the chunk start state (3 and 4 in one loop over chunks). The tail is
+    zero-padded with dt = 0, which leaves the final state unchanged. Returns (y, final_state).
     """
     wd = _work_dtype(x)
     b, l, h, p = x.shape
