@@ -1,6 +1,13 @@
-"""Collects the benchmark figures and prints ours, transformers', the floor and their ratios at the end."""
+"""Collects the benchmark figures and prints ours, transformers', the floor and their ratios at the end.
+
+Every side runs with malloc reusing freed memory (ssmblocks.allocator), unless SSMBLOCKS_DEFAULT_MALLOC=1.
+"""
+
+import os
 
 import pytest
+
+from ssmblocks.allocator import reuse_freed_memory
 
 RESULTS: dict[tuple[str, str], dict[str, float]] = {}
 
@@ -33,3 +40,10 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture
 def results():
     return record
+
+
+@pytest.fixture(scope="session", autouse=True)
+def allocator():
+    """The same allocator setting for ours, transformers and the floor (they run in this one process)."""
+    reused = os.environ.get("SSMBLOCKS_DEFAULT_MALLOC") != "1" and reuse_freed_memory()
+    print(f"\nmalloc reuses freed memory: {reused}")
