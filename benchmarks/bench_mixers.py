@@ -6,12 +6,15 @@ For SSD (mamba2-130m shape) and SelectiveSSM (mamba-130m shape), fp32, in one pr
 transformers' Mamba2Mixer / MambaMixer with the same weights (its torch path, no cache), and the floor:
 the layer's nn.Linear projections alone on inputs of the right shapes. Repeats are interleaved (ours,
 theirs, projections, ours, ...) after two warm-up calls each; each figure is the median, so a slow moment of
-the machine hits all three. Target: ours <= 1.4x the projections.
+the machine hits all three. Target: ours <= 1.4x the projections. SelectiveSSM gets a second row, "torch
+scan": the same layer with selective_scan's C++ kernel switched off (the torch path it replaces), timed in
+the same interleaved loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import statistics
 import time
@@ -19,6 +22,7 @@ import time
 import torch
 
 from ssmblocks import SSD, SelectiveSSM
+from ssmblocks.ops.cpu_kernel import cpu_ops
 
 
 def cpu_name() -> str:
@@ -68,6 +72,20 @@ def projections(layer, kind: str, x: torch.Tensor):
     return lambda: (layer.in_proj(x), layer.x_proj(inner), layer.dt_proj(low), layer.out_proj(inner))
 
 
+def without_cpu_kernel(fn):
+    """fn with selective_scan's C++ kernel switched off, so that it runs the torch path."""
+    module = importlib.import_module("ssmblocks.ops.selective_scan")
+
+    def run():
+        kernel, module.cpu_ops = module.cpu_ops, lambda: None
+        try:
+            return fn()
+        finally:
+            module.cpu_ops = kernel
+
+    return run
+
+
 def median_ms(fns: dict, repeats: int) -> dict:
     for fn in fns.values():  # warm up
         fn()
@@ -93,7 +111,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}")
-    print(f"fp32, batch {args.batch}, seqlen {args.seqlen}, d_model {args.d_model}, median of {args.repeats}\n")
+    print(f"fp32, batch {args.batch}, seqlen {args.seqlen}, d_model {args.d_model}, median of {args.repeats}")
+    print(f"C++ CPU kernel for the selective scan: {'built' if cpu_ops() is not None else 'not available'}\n")
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.seqlen, args.d_model)
     mixers = {
@@ -107,10 +126,15 @@ def main() -> None:
         expected = theirs(x)
         err = ((ours(x) - expected).abs().max() / expected.abs().max()).item()
         fns = {"ours": lambda m=ours: m(x), "theirs": lambda m=theirs: m(x), "proj": projections(ours, kind, x)}
+        rows = {name: "ours"}
+        if kind == "selective":
+            fns["torch scan"] = without_cpu_kernel(fns["ours"])
+            rows["  same, torch scan"] = "torch scan"
         ms = median_ms(fns, args.repeats)
-        row = [ms["ours"], ms["theirs"], ms["proj"], ms["ours"] / ms["proj"], ms["theirs"] / ms["ours"]]
-        cells = "".join(f"{v:>{len(h) + 3}.{1 if 'ms' in h else 2}f}" for h, v in zip(header, row, strict=True))
-        print(f"{name:<28}{cells}   (outputs agree to {err:.1e})")
+        for label, key in rows.items():
+            row = [ms[key], ms["theirs"], ms["proj"], ms[key] / ms["proj"], ms["theirs"] / ms[key]]
+            cells = "".join(f"{v:>{len(h) + 3}.{1 if 'ms' in h else 2}f}" for h, v in zip(header, row, strict=True))
+            print(f"{label:<28}{cells}" + (f"   (outputs agree to {err:.1e})" if key == "ours" else ""))
 
 
 if __name__ == "__main__":

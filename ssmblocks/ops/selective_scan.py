@@ -141,8 +141,22 @@ def _chunk_states_log_depth(decay, u, h, dim: int = 1):
 
 
 def selective_scan_step(x, dt, A, B, C, state, D=None, z=None):
-    """One token. x, dt, z: (b, e); B, C: (b, n); state: (b, e, n), updated in place. Returns y: (b, e)."""
+    """One token. x, dt, z: (b, e); B, C: (b, n); state: (b, e, n), updated in place. Returns y: (b, e).
+
+    Without autograd on the CPU, with a contiguous state in the working dtype, the fused C++ kernel runs
+    instead when it builds."""
     wd = _work_dtype(x)
+    inputs = (x, dt, A, B, C, D, z)
+    if (
+        state.device.type == "cpu"
+        and state.dtype == wd
+        and state.is_contiguous()
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, state)))
+        and not torch.compiler.is_compiling()
+        and (ops := cpu_ops()) is not None
+    ):
+        x, dt, A, B, C, D, z = (t if t is None or t.dtype == wd else t.to(wd) for t in inputs)
+        return ops.selective_scan_step(x, dt, A, B, C, state, D, z).to(inputs[0].dtype)
     xw = x.to(wd)
     dt = dt.to(wd)
     h = update_state(state, torch.exp(dt[..., None] * A.to(wd)), (dt * xw)[..., None], B.to(wd)[:, None, :])

@@ -1,10 +1,11 @@
-// Fused CPU selective scan (Mamba1), forward only: the recurrence of ssmblocks/ops/selective_scan.py,
+// Fused CPU selective scan (Mamba1), without autograd: the recurrence of ssmblocks/ops/selective_scan.py,
 //
 //     h_t = exp(dt_t * A) * h_{t-1} + (dt_t * x_t) B_t,   y_t = (h_t C_t + D * x_t) * silu(z_t),
 //
-// walked one time step after another, each thread over its own channels of x (the state of 128 bytes of
-// channels, (n, 128 bytes), stays in L1). Registered as torch.ops.ssmblocks_cpu.selective_scan; built and
-// loaded on first use by ssmblocks/ops/cpu_kernel.py.
+// over a sequence (selective_scan: one pass over time, each thread over its own channels, the state of 128
+// bytes of channels, (n, 128 bytes), staying in L1) and for one token (selective_scan_step: the state
+// (b, e, n) updated in place). Registered as torch.ops.ssmblocks_cpu.*; built and loaded on first use by
+// ssmblocks/ops/cpu_kernel.py.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -68,6 +69,7 @@ SSM_INLINE typename Simd<double, Bytes>::V exp2v(typename Simd<double, Bytes>::V
 // A: (e, n); D: (e,); h0, hT: (b, e, n). D, z and h0 may be null.
 template <typename T>
 struct Scan {
+  using Type = T;
   const T *x, *dt, *A, *B, *C, *D, *z, *h0;
   T *y, *hT;
   int64_t l, e, n;
@@ -86,7 +88,7 @@ SSM_INLINE void load_group(void* dst, const T* src, int64_t w) {
 // reads and writes contiguous rows of x, dt, z and y. A step of one group:
 //     h <- 2^(dt a) h + (dt x) B_t,   y = (h C_t + D x) silu(z),   a = A^T log2(e).
 template <typename T, int Bytes>
-SSM_INLINE void scan_groups(const Scan<T>& s, int64_t b, int64_t g0, int64_t g1) {
+SSM_INLINE void scan(const Scan<T>& s, int64_t b, int64_t g0, int64_t g1) {
   using V = typename Simd<T, Bytes>::V;
   constexpr int64_t G = kGroup<T>, nv = G * sizeof(T) / Bytes;  // channels, vectors per group
   const int64_t n = s.n, block = (2 * n + 1) * nv;                // per group: a, h (n, nv), D (nv)
@@ -140,33 +142,136 @@ SSM_INLINE void scan_groups(const Scan<T>& s, int64_t b, int64_t g0, int64_t g1)
   }
 }
 
-// The loop compiled for each vector unit; the one to use is picked at run time on x86-64, so that the
-// cached build runs on any x86-64 CPU.
-#if defined(__x86_64__)
+// One token, contiguous tensors: x, dt, z, y: (b, e); B, C: (b, n); A: (e, n); D: (e,); h: (b, e, n),
+// updated in place. D and z may be null.
 template <typename T>
-__attribute__((target("avx512f,avx2,fma"))) void scan_avx512(const Scan<T>& s, int64_t b, int64_t g0, int64_t g1) {
-  scan_groups<T, 64>(s, b, g0, g1);
+struct Step {
+  using Type = T;
+  const T *x, *dt, *A, *B, *C, *D, *z;
+  T *h, *y;
+  int64_t e, n;
+};
+
+// Sum of a vector's lanes, halving it.
+template <typename T, int Bytes>
+SSM_INLINE T lane_sum(typename Simd<T, Bytes>::V v) {
+  if constexpr (Bytes == sizeof(T)) {
+    return v[0];
+  } else {
+    typename Simd<T, Bytes / 2>::V lo, hi;
+    std::memcpy(&lo, &v, Bytes / 2);
+    std::memcpy(&hi, reinterpret_cast<char*>(&v) + Bytes / 2, Bytes / 2);
+    return lane_sum<T, Bytes / 2>(lo + hi);
+  }
 }
 
-template <typename T>
-__attribute__((target("avx2,fma"))) void scan_avx2(const Scan<T>& s, int64_t b, int64_t g0, int64_t g1) {
-  scan_groups<T, 32>(s, b, g0, g1);
+// y = (y + D x) silu(z) for m <= lanes consecutive channels; D and z may be null.
+template <typename T, int Bytes>
+SSM_INLINE void finish_lanes(T* y, const T* x, const T* D, const T* z, int64_t m) {
+  typename Simd<T, Bytes>::V yv{}, xv{}, v{};
+  std::memcpy(&yv, y, m * sizeof(T));
+  std::memcpy(&xv, x, m * sizeof(T));
+  if (D) {
+    std::memcpy(&v, D, m * sizeof(T));
+    yv += v * xv;
+  }
+  if (z) {
+    std::memcpy(&v, z, m * sizeof(T));
+    yv *= v / (T(1) + exp2v<Bytes>(v * T(-M_LOG2E)));
+  }
+  std::memcpy(y, &yv, m * sizeof(T));
+}
+
+// Channels c0 .. c1 of batch element b: the state in vectors of Bytes along n (the last n % lanes values
+// one by one), then D and z in vectors along the channels.
+template <typename T, int Bytes>
+SSM_INLINE void step(const Step<T>& s, int64_t b, int64_t c0, int64_t c1) {
+  using V = typename Simd<T, Bytes>::V;
+  constexpr int64_t L = Bytes / sizeof(T);
+  const int64_t n = s.n, full = n / L * L;
+  const T *Bb = s.B + b * n, *Cb = s.C + b * n, *x = s.x + b * s.e;
+  T* y = s.y + b * s.e;
+  for (int64_t c = c0; c < c1; ++c) {
+    const T dt = s.dt[b * s.e + c], u = dt * x[c], *a = s.A + c * n;
+    T* h = s.h + (b * s.e + c) * n;
+    V acc{}, hv, av, bv, cv;
+    for (int64_t k = 0; k < full; k += L) {
+      std::memcpy(&hv, h + k, Bytes);
+      std::memcpy(&av, a + k, Bytes);
+      std::memcpy(&bv, Bb + k, Bytes);
+      std::memcpy(&cv, Cb + k, Bytes);
+      hv = exp2v<Bytes>(av * (dt * T(M_LOG2E))) * hv + u * bv;
+      std::memcpy(h + k, &hv, Bytes);
+      acc += hv * cv;
+    }
+    y[c] = lane_sum<T, Bytes>(acc);
+    for (int64_t k = full; k < n; ++k) {
+      h[k] = std::exp(dt * a[k]) * h[k] + u * Bb[k];
+      y[c] += h[k] * Cb[k];
+    }
+  }
+  const T *D = s.D, *z = s.z ? s.z + b * s.e : nullptr;
+  if (!D && !z) return;
+  int64_t c = c0;
+  for (; c + L <= c1; c += L) finish_lanes<T, Bytes>(y + c, x + c, D ? D + c : nullptr, z ? z + c : nullptr, L);
+  if (c < c1) finish_lanes<T, Bytes>(y + c, x + c, D ? D + c : nullptr, z ? z + c : nullptr, c1 - c);
+}
+
+// Each kernel compiled for each vector unit; the one to use is picked at run time on x86-64, so that the
+// cached build runs on any x86-64 CPU. A kernel runs over units [u0, u1) (channel groups, channels) of
+// one batch element b.
+template <typename P>
+using KernelFn = void (*)(const P&, int64_t b, int64_t u0, int64_t u1);
+
+template <typename T, int Bytes>
+SSM_INLINE void run(const Scan<T>& s, int64_t b, int64_t u0, int64_t u1) {
+  scan<T, Bytes>(s, b, u0, u1);
+}
+
+template <typename T, int Bytes>
+SSM_INLINE void run(const Step<T>& s, int64_t b, int64_t u0, int64_t u1) {
+  step<T, Bytes>(s, b, u0, u1);
+}
+
+#if defined(__x86_64__)
+template <typename P>
+__attribute__((target("avx512f,avx2,fma"))) void run_avx512(const P& p, int64_t b, int64_t u0, int64_t u1) {
+  run<typename P::Type, 64>(p, b, u0, u1);
+}
+
+template <typename P>
+__attribute__((target("avx2,fma"))) void run_avx2(const P& p, int64_t b, int64_t u0, int64_t u1) {
+  run<typename P::Type, 32>(p, b, u0, u1);
 }
 #endif
 
-template <typename T>
-void scan_baseline(const Scan<T>& s, int64_t b, int64_t g0, int64_t g1) {
-  scan_groups<T, 16>(s, b, g0, g1);
+template <typename P>
+void run_baseline(const P& p, int64_t b, int64_t u0, int64_t u1) {
+  run<typename P::Type, 16>(p, b, u0, u1);
 }
 
-template <typename T>
-auto pick_variant() -> void (*)(const Scan<T>&, int64_t, int64_t, int64_t) {
+template <typename P>
+KernelFn<P> pick_variant() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return scan_avx512<T>;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return scan_avx2<T>;
+  if (__builtin_cpu_supports("avx512f")) return run_avx512<P>;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return run_avx2<P>;
 #endif
-  return scan_baseline<T>;
+  return run_baseline<P>;
+}
+
+// The kernel for P over `units` units of each of `batch` elements, in parallel (at least `grain` units a
+// thread), each thread's share cut at batch boundaries.
+template <typename P>
+void parallel_run(const P& p, int64_t batch, int64_t units, int64_t grain) {
+  static const KernelFn<P> fn = pick_variant<P>();
+  at::parallel_for(0, batch * units, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      const int64_t b = i / units, stop = std::min(end, (b + 1) * units);
+      fn(p, b, i - b * units, stop - b * units);
+      i = stop;
+    }
+  });
 }
 
 at::Tensor unit_last_stride(const at::Tensor& t) {
@@ -194,7 +299,8 @@ std::tuple<at::Tensor, at::Tensor> selective_scan(const at::Tensor& x_, const at
   if (D) check(*D, {e}, "D");
   if (z_) check(*z_, {b, l, e}, "z");
   if (h0) check(*h0, {b, e, n}, "initial_state");
-  const at::Tensor x = unit_last_stride(x_), dt = unit_last_stride(dt_), z = z_ ? unit_last_stride(*z_) : x;
+  const at::Tensor x = unit_last_stride(x_), dt = unit_last_stride(dt_);
+  const at::Tensor z = z_ ? unit_last_stride(*z_) : x;  // without z: x's strides, never read
   at::Tensor y = at::empty({b, l, e}, x.options()), hT = at::empty({b, e, n}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "selective_scan", [&] {
     using T = scalar_t;
@@ -206,17 +312,38 @@ std::tuple<at::Tensor, at::Tensor> selective_scan(const at::Tensor& x_, const at
                     {B.stride(0), B.stride(1), B.stride(2)}, {C.stride(0), C.stride(1), C.stride(2)},
                     {A.stride(0), A.stride(1)}, D ? D->stride(0) : 0,
                     {h0 ? h0->stride(0) : 0, h0 ? h0->stride(1) : 0, h0 ? h0->stride(2) : 0}};
-    static const auto run = pick_variant<T>();
-    const int64_t groups = (e + kGroup<T> - 1) / kGroup<T>;
-    at::parallel_for(0, b * groups, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end;) {  // the groups of one batch element at a time
-        const int64_t bi = i / groups, stop = std::min(end, (bi + 1) * groups);
-        run(s, bi, i - bi * groups, stop - bi * groups);
-        i = stop;
-      }
-    });
+    parallel_run(s, b, (e + kGroup<T> - 1) / kGroup<T>, 1);
   });
   return {y, hT};
+}
+
+// x, dt: (b, e); A: (e, n); B, C: (b, n); state: (b, e, n), contiguous, updated in place; D: (e,); z: (b, e);
+// all of one dtype, float32 or float64, on the CPU. Returns y: (b, e).
+at::Tensor selective_scan_step(const at::Tensor& x_, const at::Tensor& dt_, const at::Tensor& A_,
+                               const at::Tensor& B_, const at::Tensor& C_, at::Tensor& state,
+                               const std::optional<at::Tensor>& D_, const std::optional<at::Tensor>& z_) {
+  TORCH_CHECK(x_.dim() == 2 && A_.dim() == 2, "selective_scan_step: x must be (b, e) and A (e, n)");
+  const int64_t b = x_.size(0), e = x_.size(1), n = A_.size(1);
+  const auto check = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+    TORCH_CHECK(t.sizes() == shape, "selective_scan_step: ", name, " has shape ", t.sizes(), ", expected ", shape);
+    TORCH_CHECK(t.scalar_type() == x_.scalar_type() && t.device().is_cpu(), "selective_scan_step: ", name,
+                " must be a CPU tensor of x's dtype");
+    return t.contiguous();
+  };
+  const at::Tensor x = check(x_, {b, e}, "x"), dt = check(dt_, {b, e}, "dt"), A = check(A_, {e, n}, "A");
+  const at::Tensor B = check(B_, {b, n}, "B"), C = check(C_, {b, n}, "C");
+  const at::Tensor D = D_ ? check(*D_, {e}, "D") : at::Tensor(), z = z_ ? check(*z_, {b, e}, "z") : at::Tensor();
+  check(state, {b, e, n}, "state");
+  TORCH_CHECK(state.is_contiguous(), "selective_scan_step: state must be contiguous");
+  at::Tensor y = at::empty({b, e}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "selective_scan_step", [&] {
+    using T = scalar_t;
+    const Step<T> s{x.const_data_ptr<T>(), dt.const_data_ptr<T>(), A.const_data_ptr<T>(), B.const_data_ptr<T>(),
+                    C.const_data_ptr<T>(), D_ ? D.const_data_ptr<T>() : nullptr,
+                    z_ ? z.const_data_ptr<T>() : nullptr, state.mutable_data_ptr<T>(), y.mutable_data_ptr<T>(), e, n};
+    parallel_run(s, b, e, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)));  // >= 32k state values a thread
+  });
+  return y;
 }
 
 }  // namespace
@@ -225,8 +352,12 @@ TORCH_LIBRARY(ssmblocks_cpu, m) {
   m.def(
       "selective_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
       "Tensor? initial_state) -> (Tensor, Tensor)");
+  m.def(
+      "selective_scan_step(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor(a!) state, Tensor? D, "
+      "Tensor? z) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ssmblocks_cpu, CPU, m) {
   m.impl("selective_scan", &selective_scan);
+  m.impl("selective_scan_step", &selective_scan_step);
 }

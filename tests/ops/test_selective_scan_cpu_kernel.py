@@ -1,9 +1,11 @@
-"""The fused C++ CPU kernel that selective_scan runs without autograd, against the float64 reference.
+"""The fused C++ CPU kernels that selective_scan and selective_scan_step run without autograd, against the
+float64 reference.
 
 Shapes as in ssmblocks.ops.selective_scan: x, dt, z: (b, l, e); A: (e, n); B, C: (b, l, n); D: (e,);
-initial_state: (b, e, n). The kernel works on groups of 128 bytes of channels (32 float32, 16 float64), so
+initial_state: (b, e, n). The scan works on groups of 128 bytes of channels (32 float32, 16 float64), so
 e = 45 has a partial last group and e = 1, 3 only a partial one; with b = 3 the threads' shares of the
-(batch, group) pairs cross batch boundaries.
+(batch, group) pairs cross batch boundaries. The step vectorises along n (16 float32 with AVX-512), so
+n = 5 and 20 leave values for its scalar tail.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import torch
 import torch.utils.cpp_extension
 
 from ssmblocks.ops.cpu_kernel import cpu_ops
-from ssmblocks.ops.selective_scan import selective_scan, selective_scan_ref
-from tests.helpers import assert_close
+from ssmblocks.ops.selective_scan import selective_scan, selective_scan_ref, selective_scan_step
+from tests.helpers import assert_close, step_through
 
 # ``ssmblocks.ops.selective_scan`` names the function (re-exported), so reach the module through importlib.
 SCAN = importlib.import_module("ssmblocks.ops.selective_scan")
@@ -49,8 +51,12 @@ def kernel_calls(monkeypatch, kernel):
 
     class Spy:
         def selective_scan(self, *args):
-            calls.append(args)
+            calls.append("scan")
             return kernel.selective_scan(*args)
+
+        def selective_scan_step(self, *args):
+            calls.append("step")
+            return kernel.selective_scan_step(*args)
 
     monkeypatch.setattr(SCAN, "cpu_ops", lambda: Spy())
     return calls
@@ -88,7 +94,7 @@ def test_kernel_matches_reference(shape, features, dtype, kernel_calls):
     before = kw.get("initial_state", torch.empty(0)).clone()
     with torch.no_grad():
         y, h = selective_scan(**kw)
-    assert len(kernel_calls) == 1
+    assert kernel_calls == ["scan"]
     assert y.dtype == h.dtype == dtype
     ref_y, ref_h = reference(kw)
     assert_close(y, ref_y, TOL[dtype], "y")
@@ -103,7 +109,7 @@ def test_extreme_decays(dt_scale, dtype, kernel_calls):
     kw = scan_inputs(2, 37, 45, 16, dt_scale=dt_scale, a_max=16.0, dtype=dtype)
     with torch.inference_mode():
         y, h = selective_scan(**kw)
-    assert len(kernel_calls) == 1
+    assert kernel_calls == ["scan"]
     ref_y, ref_h = reference(kw)
     assert_close(y, ref_y, TOL[dtype], "y")
     assert_close(h, ref_h, TOL[dtype], "final state")
@@ -121,7 +127,7 @@ def test_strided_and_mixed_dtype_inputs(kernel_calls):
     with torch.no_grad():
         y, h = selective_scan(**kw)
         y16, _ = selective_scan(**{**kw, "x": kw["x"].bfloat16(), "z": kw["z"].bfloat16()})
-    assert len(kernel_calls) == 2
+    assert kernel_calls == ["scan", "scan"]
     ref_y, ref_h = reference(kw)
     assert_close(y, ref_y, TOL[torch.float32], "y")
     assert_close(h, ref_h, TOL[torch.float32], "final state")
@@ -142,6 +148,58 @@ def test_autograd_takes_the_torch_path(name, kernel_calls):
     (grad,) = torch.autograd.grad((y * gy).sum() + (h * gh).sum(), kw[name])
     (ref_grad,) = torch.autograd.grad((ref_y * gy).sum() + (ref_h * gh).sum(), ref[name])
     assert_close(grad, ref_grad, 1e-10, f"grad {name}")
+
+
+STEP_SHAPES = {"b1_e3_n1": (1, 3, 1), "b2_e5_n5": (2, 5, 5), "b3_e45_n16": (3, 45, 16), "b2_e7_n20": (2, 7, 20)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("features", FEATURES.values(), ids=FEATURES.keys())
+@pytest.mark.parametrize("shape", STEP_SHAPES.values(), ids=STEP_SHAPES.keys())
+def test_step_kernel_matches_reference(shape, features, dtype, kernel_calls):
+    """Token after token, the state updated in place in its own buffer."""
+    b, e, n = shape
+    kw = scan_inputs(b, 6, e, n, features, dtype=dtype)
+    state = kw.pop("initial_state").clone() if "h0" in features else torch.zeros(b, e, n, dtype=dtype)
+    buffer = state.data_ptr()
+    ref_y, ref_h = reference({**kw, "initial_state": state.clone()})
+    with torch.no_grad():
+        y = step_through(selective_scan_step, kw, state)
+    assert kernel_calls == ["step"] * 6
+    assert state.data_ptr() == buffer
+    assert y.dtype == dtype
+    assert_close(y, ref_y, TOL[dtype], "y")
+    assert_close(state, ref_h, TOL[dtype], "state")
+
+
+def test_step_kernel_in_parallel(kernel_calls):
+    """Enough channels (b e n >= 2 x 32k) for the step to split them over threads, across batch elements."""
+    kw = scan_inputs(3, 2, 1500, 16, dtype=torch.float32)
+    state = kw.pop("initial_state").clone()
+    ref_y, ref_h = reference({**kw, "initial_state": state.clone()})
+    with torch.inference_mode():
+        y = step_through(selective_scan_step, kw, state)
+    assert kernel_calls == ["step"] * 2
+    assert_close(y, ref_y, TOL[torch.float32], "y")
+    assert_close(state, ref_h, TOL[torch.float32], "state")
+
+
+@pytest.mark.parametrize("case", ["state_float64", "state_strided", "autograd"])
+def test_step_takes_the_torch_path(case, kernel_calls):
+    """A state the kernel cannot update in place (another dtype, not contiguous), or a gradient."""
+    kw = scan_inputs(2, 1, 3, 4, dtype=torch.float32)
+    state = kw.pop("initial_state")
+    if case == "state_float64":
+        state = state.double()
+    elif case == "state_strided":
+        state = state.transpose(1, 2).contiguous().transpose(1, 2)
+    ref_y, ref_h = reference({**kw, "initial_state": state.clone()})
+    args = [kw[k][:, 0] if k in ("x", "dt", "B", "C", "z") else kw[k] for k in ("x", "dt", "A", "B", "C")]
+    with torch.set_grad_enabled(case == "autograd"):
+        y = selective_scan_step(*args, state, kw["D"].requires_grad_(case == "autograd"), kw["z"][:, 0])
+    assert not kernel_calls
+    assert_close(y, ref_y[:, 0], TOL[torch.float32], "y")
+    assert_close(state, ref_h, TOL[torch.float32], "state")
 
 
 def test_no_kernel_while_compiling(monkeypatch, kernel_calls):
