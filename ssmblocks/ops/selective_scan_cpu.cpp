@@ -2,10 +2,9 @@
 //
 //     h_t = exp(dt_t * A) * h_{t-1} + (dt_t * x_t) B_t,   y_t = (h_t C_t + D * x_t) * silu(z_t),
 //
-// over a sequence (selective_scan: one pass over time, each thread over its own channels, the state of 128
-// bytes of channels, (n, 128 bytes), staying in L1) and for one token (selective_scan_step: the state
-// (b, e, n) updated in place). Registered as torch.ops.ssmblocks_cpu.*; built and loaded on first use by
-// ssmblocks/ops/cpu_kernel.py.
+// over a sequence (selective_scan: one pass over time, each thread over its own channels, their states in a
+// local buffer) and for one token (selective_scan_step: the state (b, e, n) updated in place). Registered as
+// torch.ops.ssmblocks_cpu.*; built and loaded on first use by ssmblocks/ops/cpu_kernel.py.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -29,9 +28,12 @@ namespace {
 // Bytes of T in one vector register (GCC / Clang vector extension): 64 for AVX-512, 32 for AVX2, 16 for SSE.
 template <typename T, int Bytes>
 struct Simd {
+  using Int = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   typedef T V __attribute__((vector_size(Bytes), aligned(Bytes)));
-  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I __attribute__((vector_size(Bytes), aligned(Bytes)));
+  typedef Int I __attribute__((vector_size(Bytes), aligned(Bytes)));
 };
+
+constexpr double kLog2e = 1.4426950408889634;  // log2(e)
 
 // Channels per group, the unit of work: 128 bytes, contiguous in x, dt, z and y.
 template <typename T>
@@ -99,7 +101,7 @@ SSM_INLINE void scan(const Scan<T>& s, int64_t b, int64_t g0, int64_t g1) {
     T *h = a + n * G, *D = h + n * G;
     for (int64_t j = 0, c = g * G; j < G && c < s.e; ++j, ++c) {
       for (int64_t k = 0; k < n; ++k) {
-        a[k * G + j] = s.A[c * s.sA[0] + k * s.sA[1]] * T(M_LOG2E);
+        a[k * G + j] = s.A[c * s.sA[0] + k * s.sA[1]] * T(kLog2e);
         if (s.h0) h[k * G + j] = s.h0[b * s.sh0[0] + c * s.sh0[1] + k * s.sh0[2]];
       }
       if (s.D) D[j] = s.D[c * s.sD];
@@ -129,7 +131,7 @@ SSM_INLINE void scan(const Scan<T>& s, int64_t b, int64_t g0, int64_t g1) {
       }
       if (s.z) {
         load_group(z, s.z + b * s.sz[0] + t * s.sz[1] + e0, w);
-        for (int64_t v = 0; v < nv; ++v) acc[v] *= z[v] / (T(1) + exp2v<Bytes>(z[v] * T(-M_LOG2E)));
+        for (int64_t v = 0; v < nv; ++v) acc[v] *= z[v] / (T(1) + exp2v<Bytes>(z[v] * T(-kLog2e)));
       }
       std::memcpy(s.y + (b * s.l + t) * s.e + e0, acc, w * sizeof(T));
     }
@@ -177,7 +179,7 @@ SSM_INLINE void finish_lanes(T* y, const T* x, const T* D, const T* z, int64_t m
   }
   if (z) {
     std::memcpy(&v, z, m * sizeof(T));
-    yv *= v / (T(1) + exp2v<Bytes>(v * T(-M_LOG2E)));
+    yv *= v / (T(1) + exp2v<Bytes>(v * T(-kLog2e)));
   }
   std::memcpy(y, &yv, m * sizeof(T));
 }
@@ -200,7 +202,7 @@ SSM_INLINE void step(const Step<T>& s, int64_t b, int64_t c0, int64_t c1) {
       std::memcpy(&av, a + k, Bytes);
       std::memcpy(&bv, Bb + k, Bytes);
       std::memcpy(&cv, Cb + k, Bytes);
-      hv = exp2v<Bytes>(av * (dt * T(M_LOG2E))) * hv + u * bv;
+      hv = exp2v<Bytes>(av * (dt * T(kLog2e))) * hv + u * bv;
       std::memcpy(h + k, &hv, Bytes);
       acc += hv * cv;
     }
