@@ -17,6 +17,7 @@ the decoded tokens with such a file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -69,6 +70,14 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # the process's peak RSS
 
 
+def write_profile(profiler, path: Path, device: torch.device) -> None:
+    """The profiled steps' ops, by their own device time and by their own host time (rank 0's view)."""
+    events = profiler.key_averages()
+    by_device = events.table(sort_by=f"self_{device.type}_time_total", row_limit=40)
+    by_host = events.table(sort_by="self_cpu_time_total", row_limit=25)
+    path.write_text(f"by device time\n{by_device}\nby host time\n{by_host}\n")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parallel", choices=["fsdp", "tp", "none"], default="fsdp")
@@ -88,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode", type=int, default=16, help="greedy tokens decoded before training (0: none)")
     parser.add_argument("--metrics", help="write loss curve, tokens/s and peak memory here (JSON, rank 0)")
     parser.add_argument("--baseline", help="metrics JSON of another run: print the largest loss difference")
+    parser.add_argument("--profile", help="profile 3 steps after the timing warmup; rank 0 writes op tables here")
     args = parser.parse_args(argv)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -124,28 +134,41 @@ def main(argv: list[str] | None = None) -> dict:
         decoded = model.eval().generate(prompt, max_new_tokens=args.decode, cuda_graph=False)[:, 16:].tolist()
         model.train()
 
+    profiling = contextlib.nullcontext()
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+        )
+        profiling = torch.profiler.profile(
+            activities=activities,
+            schedule=torch.profiler.schedule(wait=args.timing_warmup, warmup=1, active=3, repeat=1),
+            on_trace_ready=lambda profiler: rank == 0 and write_profile(profiler, Path(args.profile), device),
+        )
     losses, step_times = [], []
-    for step in range(args.steps):
-        ids = repeated_halves(step, args.batch, args.seqlen, recipe.vocab_size, args.seed).to(device)
-        if args.parallel == "fsdp":
-            ids = ids.chunk(world)[rank]
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
-            loss = model(ids, labels=ids).loss
-        loss.backward()
-        if args.clip:
-            clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss.detach()
-        if args.parallel == "fsdp":  # equal shares: the mean of the ranks' losses is the global batch's
-            dist.all_reduce(loss)
-            loss /= world
-        losses.append(loss.item())  # a host read: the step is finished
-        step_times.append(time.perf_counter() - start)
-        if rank == 0:
-            print(f"step {step:4d}  loss {losses[-1]:.5f}  {step_times[-1] * 1e3:8.1f} ms")
+    with profiling as profiler:
+        for step in range(args.steps):
+            ids = repeated_halves(step, args.batch, args.seqlen, recipe.vocab_size, args.seed).to(device)
+            if args.parallel == "fsdp":
+                ids = ids.chunk(world)[rank]
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
+                loss = model(ids, labels=ids).loss
+            loss.backward()
+            if args.clip:
+                clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss.detach()
+            if args.parallel == "fsdp":  # equal shares: the mean of the ranks' losses is the global batch's
+                dist.all_reduce(loss)
+                loss /= world
+            losses.append(loss.item())  # a host read: the step is finished
+            step_times.append(time.perf_counter() - start)
+            if rank == 0:
+                print(f"step {step:4d}  loss {losses[-1]:.5f}  {step_times[-1] * 1e3:8.1f} ms")
+            if profiler is not None:
+                profiler.step()
 
     timed = step_times[args.timing_warmup :] or step_times
     tokens_per_s = args.batch * args.seqlen * len(timed) / sum(timed)
