@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Training on GPUs with examples/train_distributed.py: one GPU (the baseline), then FSDP2 and tensor parallel
-# on NPROC GPUs with the same global batches; each parallel run prints its largest loss difference to the
-# baseline and whether its greedy decode (before training) gave the baseline's tokens. A last one-GPU run
+# on NPROC GPUs with the same global batches; each parallel run prints its largest and median loss difference
+# to the baseline and whether its greedy decode (before training) gave the baseline's tokens. A last one-GPU run
 # measures how far two runs of the same layout drift apart (bf16 autocast, non-deterministic kernels).
 #   bash benchmarks/multi_gpu.sh OUTDIR [NPROC=2] [more train_distributed.py options]
 # Default model: recipes/hybrid-bamba-1b.yaml (1.2B), global batch 8 x 2048 tokens, 50 steps,

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import ShapeError
 from .layers import SSD, Attention, RMSNorm, SelectiveSSM, SwiGLU
+from .layers.linear import Linear
 from .precision import warn_if_slow_bf16
 from .recipe import AttentionSpec, ParallelSpec, Recipe, SelectiveSSMSpec, SSDSpec
 from .state import ModelState
@@ -93,7 +94,7 @@ class CausalLM(nn.Module):
         self.embedding = nn.Embedding(recipe.padded_vocab_size, recipe.d_model, **kw)
         self.layers = nn.ModuleList(Block(recipe, name, device, dtype) for name in recipe.layers)
         self.norm_f = RMSNorm(recipe.d_model, recipe.norm.eps, **kw)
-        self.lm_head = nn.Linear(recipe.d_model, recipe.padded_vocab_size, bias=False, **kw)
+        self.lm_head = Linear(recipe.d_model, recipe.padded_vocab_size, bias=False, **kw)
         if recipe.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
         if self.embedding.weight.device.type != "meta":

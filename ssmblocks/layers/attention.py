@@ -6,11 +6,11 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import check_positive
 from ..state import KVCache
 from ._entry import SequenceLayer
+from .linear import Linear
 
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
@@ -71,10 +71,10 @@ class Attention(SequenceLayer):
         self.rope_theta = rope_theta
         self.rotary_dim = int(head_dim * rotary_fraction) // 2 * 2
         kw = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias, **kw)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias, **kw)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias, **kw)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias, **kw)
+        self.q_proj = Linear(d_model, n_heads * head_dim, bias=bias, **kw)
+        self.k_proj = Linear(d_model, n_kv_heads * head_dim, bias=bias, **kw)
+        self.v_proj = Linear(d_model, n_kv_heads * head_dim, bias=bias, **kw)
+        self.o_proj = Linear(n_heads * head_dim, d_model, bias=bias, **kw)
 
     def init_state(self, batch_size: int, max_seqlen: int | None = None, *, device=None, dtype=None) -> KVCache:
         """Empty cache with room for ``max_seqlen`` tokens (grows by doubling when exceeded)."""

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ShapeError, check_positive
+from .linear import Linear
 
 
 class SwiGLU(nn.Module):
@@ -17,9 +18,9 @@ class SwiGLU(nn.Module):
         check_positive("SwiGLU", d_model=d_model, hidden_dim=hidden_dim)
         self.d_model, self.hidden_dim = d_model, hidden_dim
         kw = {"device": device, "dtype": dtype}
-        self.gate_proj = nn.Linear(d_model, hidden_dim, bias=bias, **kw)
-        self.up_proj = nn.Linear(d_model, hidden_dim, bias=bias, **kw)
-        self.down_proj = nn.Linear(hidden_dim, d_model, bias=bias, **kw)
+        self.gate_proj = Linear(d_model, hidden_dim, bias=bias, **kw)
+        self.up_proj = Linear(d_model, hidden_dim, bias=bias, **kw)
+        self.down_proj = Linear(hidden_dim, d_model, bias=bias, **kw)
 
     def init_state(self, batch_size: int, max_seqlen: int | None = None, *, device=None, dtype=None) -> None:
         return None

@@ -15,6 +15,7 @@ from ._entry import SequenceLayer
 from ._init import KeepFloat32, at_least_float32, dt_bias_init
 from ._local import local
 from .conv import CausalConv1d
+from .linear import Linear
 
 
 class SelectiveSSM(KeepFloat32, SequenceLayer):
@@ -57,13 +58,13 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
         kw = {"device": device, "dtype": dtype}
         e, n, r = self.d_inner, d_state, self.dt_rank
 
-        self.in_proj = nn.Linear(d_model, 2 * e, bias=bias, **kw)
+        self.in_proj = Linear(d_model, 2 * e, bias=bias, **kw)
         self.conv1d = CausalConv1d(e, d_conv, bias=conv_bias, activation="silu", **kw)
-        self.x_proj = nn.Linear(e, r + 2 * n, bias=False, **kw)
-        self.dt_proj = nn.Linear(r, e, bias=True, **kw)
+        self.x_proj = Linear(e, r + 2 * n, bias=False, **kw)
+        self.dt_proj = Linear(r, e, bias=True, **kw)
         self.A_log = nn.Parameter(torch.empty(e, n, device=device, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(e, device=device, dtype=torch.float32))
-        self.out_proj = nn.Linear(e, d_model, bias=bias, **kw)
+        self.out_proj = Linear(e, d_model, bias=bias, **kw)
         self.dt_init = {"dt_min": dt_min, "dt_max": dt_max, "dt_init_floor": dt_init_floor, "dt_scale": dt_scale}
         self.reset_ssm_parameters()
 

@@ -15,6 +15,7 @@ from ._entry import SequenceLayer
 from ._init import KeepFloat32, at_least_float32, dt_bias_init
 from ._local import local
 from .conv import CausalConv1d
+from .linear import Linear
 from .norm import GatedRMSNorm
 
 TORCH_CHUNK_SIZE = 64  # chunk of the torch SSD path: 64 ran 3.5x faster than 256 on a 2-core CPU
@@ -82,13 +83,13 @@ class SSD(KeepFloat32, SequenceLayer):
         self.conv_dim = e + 2 * n_groups * d_state
         kw = {"device": device, "dtype": dtype}
 
-        self.in_proj = nn.Linear(d_model, e + self.conv_dim + h, bias=bias, **kw)
+        self.in_proj = Linear(d_model, e + self.conv_dim + h, bias=bias, **kw)
         self.conv1d = CausalConv1d(self.conv_dim, d_conv, bias=conv_bias, activation="silu", **kw)
         self.dt_bias = nn.Parameter(torch.empty(h, device=device, dtype=torch.float32))
         self.A_log = nn.Parameter(torch.empty(h, device=device, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(e if D_has_hdim else h, device=device, dtype=torch.float32))
         self.norm = GatedRMSNorm(e, norm_eps, group_size=e // n_groups, norm_before_gate=norm_before_gate, **kw)
-        self.out_proj = nn.Linear(e, d_model, bias=bias, **kw)
+        self.out_proj = Linear(e, d_model, bias=bias, **kw)
         self.dt_init = {"dt_min": dt_min, "dt_max": dt_max, "dt_init_floor": dt_init_floor}
         self.A_init_range = A_init_range
         self.reset_ssm_parameters()
