@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernel import cpu_ops
+
 
 def causal_conv1d_ref(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
@@ -39,6 +41,19 @@ def causal_conv1d(
     """
     b, l, c = x.shape
     k = weight.shape[-1]
+    tensors = (x, weight, conv_state) if bias is None else (x, weight, conv_state, bias)
+    if (
+        l == 1
+        and mask is None
+        and conv_state is not None
+        and x.device.type == "cpu"
+        and all(t.dtype == x.dtype for t in tensors)
+        and conv_state.is_contiguous()
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and not torch.compiler.is_compiling()
+        and (ops := cpu_ops()) is not None
+    ):  # decode's one token on the CPU: the C++ step (selective_scan_cpu.cpp)
+        return ops.causal_conv1d_step(x[:, 0], conv_state, weight[:, 0], bias, activation == "silu")[:, None]
     if conv_state is None:
         if mask is not None:
             x = x * mask[..., None]

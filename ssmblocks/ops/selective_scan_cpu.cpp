@@ -4,8 +4,9 @@
 //
 // over a sequence (selective_scan: one pass over time, each thread over its own channels, their states in a
 // local buffer) and for one token (selective_scan_step: the state (b, e, n) updated in place). Registered as
-// torch.ops.ssmblocks_cpu.*; built and loaded on first use by ssmblocks/ops/cpu_kernel.py. Beside it, the
-// small-batch matrix product that decode at batch 2..16 spends most of its time in (small_batch_linear).
+// torch.ops.ssmblocks_cpu.*; built and loaded on first use by ssmblocks/ops/cpu_kernel.py. Beside it, two
+// more of decode's ops: the small-batch matrix product that decode at batch 2..16 spends most of its time
+// in (small_batch_linear) and the conv's one-token step (causal_conv1d_step).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -275,6 +276,18 @@ SSM_INLINE void dot_rows(const Linear<T>& p, int64_t r) {
   }
 }
 
+// One token of the causal depthwise conv (decode): x (b, c) with unit channel stride, row stride sx;
+// state (b, c, k - 1) the preceding inputs, contiguous, shifted in place to end with x; w (c, k);
+// bias (c,) may be null. y (b, c) = [silu](bias + sum_j w[:, j] [state, x][:, j]).
+template <typename T>
+struct ConvStep {
+  using Type = T;
+  const T *x, *w, *bias;
+  T *state, *y;
+  int64_t c, k, sx;
+  bool silu;
+};
+
 // Each kernel compiled for each vector unit; the one to use is picked at run time on x86-64, so that the
 // cached build runs on any x86-64 CPU. A kernel runs over units [u0, u1) (channel groups, channels) of
 // one batch element b.
@@ -300,6 +313,33 @@ SSM_INLINE void run(const Linear<T>& p, int64_t, int64_t u0, int64_t u1) {
     } else {
       for (int64_t r = 4 * u; r < p.o; ++r) dot_rows<T, Bytes, 1>(p, r);
     }
+  }
+}
+
+// Units: channels of batch element b: a few multiply-adds each, then silu in vectors of Bytes.
+template <typename T, int Bytes>
+SSM_INLINE void run(const ConvStep<T>& p, int64_t b, int64_t c0, int64_t c1) {
+  const int64_t k = p.k;
+  const T* x = p.x + b * p.sx;
+  for (int64_t c = c0; c < c1; ++c) {
+    T* s = p.state + (b * p.c + c) * (k - 1);
+    const T* w = p.w + c * k;
+    T acc = p.bias ? p.bias[c] : T(0);
+    for (int64_t j = 0; j + 1 < k; ++j) acc += w[j] * s[j];
+    acc += w[k - 1] * x[c];
+    for (int64_t j = 0; j + 2 < k; ++j) s[j] = s[j + 1];
+    if (k > 1) s[k - 2] = x[c];
+    p.y[b * p.c + c] = acc;
+  }
+  if (!p.silu) return;
+  using V = typename Simd<T, Bytes>::V;
+  constexpr int64_t L = Bytes / sizeof(T);
+  for (int64_t c = c0; c < c1; c += L) {  // y = y sigmoid(y), in vectors
+    const int64_t m = std::min(L, c1 - c);
+    V v{};
+    std::memcpy(&v, p.y + b * p.c + c, m * sizeof(T));
+    v = v / (T(1) + exp2v<Bytes>(v * T(-kLog2e)));
+    std::memcpy(p.y + b * p.c + c, &v, m * sizeof(T));
   }
 }
 
@@ -416,6 +456,33 @@ at::Tensor selective_scan_step(const at::Tensor& x_, const at::Tensor& dt_, cons
   return y;
 }
 
+// x: (b, c) with unit channel stride; state: (b, c, k - 1), contiguous, updated in place; weight: (c, k);
+// bias: (c,) or None; one dtype, float32 or float64, on the CPU. Returns y: (b, c), silu applied if asked.
+at::Tensor causal_conv1d_step(const at::Tensor& x_, at::Tensor& state, const at::Tensor& weight_,
+                              const std::optional<at::Tensor>& bias_, bool silu) {
+  TORCH_CHECK(x_.dim() == 2 && weight_.dim() == 2, "causal_conv1d_step: x must be (b, c) and weight (c, k)");
+  const int64_t b = x_.size(0), c = x_.size(1), k = weight_.size(1);
+  const auto check = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+    TORCH_CHECK(t.sizes() == shape, "causal_conv1d_step: ", name, " has shape ", t.sizes(), ", expected ", shape);
+    TORCH_CHECK(t.scalar_type() == x_.scalar_type() && t.device().is_cpu(), "causal_conv1d_step: ", name,
+                " must be a CPU tensor of x's dtype");
+  };
+  check(weight_, {c, k}, "weight");
+  check(state, {b, c, k - 1}, "state");
+  if (bias_) check(*bias_, {c}, "bias");
+  TORCH_CHECK(state.is_contiguous(), "causal_conv1d_step: state must be contiguous");
+  const at::Tensor x = unit_last_stride(x_), w = weight_.contiguous();
+  const at::Tensor bias = bias_ ? bias_->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({b, c}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_step", [&] {
+    using T = scalar_t;
+    const ConvStep<T> p{x.const_data_ptr<T>(), w.const_data_ptr<T>(), bias_ ? bias.const_data_ptr<T>() : nullptr,
+                        state.mutable_data_ptr<T>(), y.mutable_data_ptr<T>(), c, k, x.stride(0), silu};
+    parallel_run(p, b, c, 4096);
+  });
+  return y;
+}
+
 // x: (m, k), weight: (o, k), bias: (o,) or None; float32 or float64 CPU tensors of one dtype. Returns
 // x weight^T + bias: (m, o). For small m (the callers use it for 2..16).
 at::Tensor small_batch_linear(const at::Tensor& x_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_) {
@@ -448,10 +515,12 @@ TORCH_LIBRARY(ssmblocks_cpu, m) {
       "selective_scan_step(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor(a!) state, Tensor? D, "
       "Tensor? z) -> Tensor");
   m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("causal_conv1d_step(Tensor x, Tensor(a!) state, Tensor weight, Tensor? bias, bool silu) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ssmblocks_cpu, CPU, m) {
   m.impl("selective_scan", &selective_scan);
   m.impl("selective_scan_step", &selective_scan_step);
   m.impl("small_batch_linear", &small_batch_linear);
+  m.impl("causal_conv1d_step", &causal_conv1d_step);
 }

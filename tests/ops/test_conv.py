@@ -5,6 +5,9 @@ Shapes as in ssmblocks.ops.conv: x: (b, l, c); weight: (c, 1, k); bias: (c,); co
 
 from __future__ import annotations
 
+import importlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -105,3 +108,29 @@ def test_float32_state_with_bfloat16_input(l):
     assert y.dtype == torch.bfloat16 and state.dtype == torch.float32
     assert_close(y, expected, 2e-2, "y")
     assert torch.equal(state, full[:, -3:].transpose(1, 2).float()), "conv_state"
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_token_step_runs_the_cpu_kernel(monkeypatch, k, dtype):
+    """Without autograd a one-token call with a state runs the C++ step: same output and state as the torch
+    path (which autograd takes), on a strided x (a slice of a projection's output, as in the mixers)."""
+    conv = importlib.import_module("ssmblocks.ops.conv")
+    ops = conv.cpu_ops()
+    if ops is None:
+        pytest.skip("the C++ CPU kernels did not build")
+    calls = []
+    monkeypatch.setattr(
+        conv,
+        "cpu_ops",
+        lambda: SimpleNamespace(causal_conv1d_step=lambda *a: calls.append(1) or ops.causal_conv1d_step(*a)),
+    )
+    x = torch.randn(3, 1, 74, dtype=dtype)[..., :37]
+    weight, bias = torch.randn(37, 1, k, dtype=dtype), torch.randn(37, dtype=dtype)
+    state = torch.randn(3, 37, k - 1, dtype=dtype)
+    torch_state = state.clone()
+    y = causal_conv1d(x, weight, bias, "silu", conv_state=state)
+    expected = causal_conv1d(x, weight.requires_grad_(), bias, "silu", conv_state=torch_state).detach()
+    assert calls == [1]
+    assert_close(y, expected, TOL64 if dtype == torch.float64 else TOL32, "y")
+    assert torch.equal(state, torch_state), "conv_state"
