@@ -41,19 +41,21 @@ def causal_conv1d(
     """
     b, l, c = x.shape
     k = weight.shape[-1]
-    tensors = (x, weight, conv_state) if bias is None else (x, weight, conv_state, bias)
+    tensors = [t for t in (x, weight, bias, conv_state) if t is not None]
     if (
-        l == 1
-        and mask is None
-        and conv_state is not None
+        mask is None
         and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
         and all(t.dtype == x.dtype for t in tensors)
-        and conv_state.is_contiguous()
+        and (conv_state is None or conv_state.is_contiguous())
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and not torch.compiler.is_compiling()
         and (ops := cpu_ops()) is not None
-    ):  # decode's one token on the CPU: the C++ step (selective_scan_cpu.cpp)
-        return ops.causal_conv1d_step(x[:, 0], conv_state, weight[:, 0], bias, activation == "silu")[:, None]
+    ):  # on the CPU without autograd: one C++ pass (selective_scan_cpu.cpp)
+        if l == 1 and conv_state is not None:  # decode's one token
+            return ops.causal_conv1d_step(x[:, 0], conv_state, weight[:, 0], bias, activation == "silu")[:, None]
+        if k <= 4:
+            return ops.causal_conv1d(x, weight[:, 0], bias, conv_state, activation == "silu")
     if conv_state is None:
         if mask is not None:
             x = x * mask[..., None]

@@ -110,27 +110,45 @@ def test_float32_state_with_bfloat16_input(l):
     assert torch.equal(state, full[:, -3:].transpose(1, 2).float()), "conv_state"
 
 
-@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("state", [False, True], ids=["no_state", "state"])
+@pytest.mark.parametrize("l", [1, 2, 37])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_one_token_step_runs_the_cpu_kernel(monkeypatch, k, dtype):
-    """Without autograd a one-token call with a state runs the C++ step: same output and state as the torch
-    path (which autograd takes), on a strided x (a slice of a projection's output, as in the mixers)."""
+def test_cpu_kernels_match_the_torch_path(monkeypatch, k, l, state, dtype):
+    """Without autograd, on the CPU, the C++ kernels run (the one-token step when a state is carried, the
+    sequence kernel otherwise): same outputs and final state as the torch path, which autograd takes. x is
+    strided (a slice of a projection's output, as in the mixers); 37 channels leave a partial vector."""
     conv = importlib.import_module("ssmblocks.ops.conv")
     ops = conv.cpu_ops()
     if ops is None:
         pytest.skip("the C++ CPU kernels did not build")
     calls = []
-    monkeypatch.setattr(
-        conv,
-        "cpu_ops",
-        lambda: SimpleNamespace(causal_conv1d_step=lambda *a: calls.append(1) or ops.causal_conv1d_step(*a)),
-    )
-    x = torch.randn(3, 1, 74, dtype=dtype)[..., :37]
+
+    def spy(name):
+        return lambda *args: calls.append(name) or getattr(ops, name)(*args)
+
+    kernels = SimpleNamespace(causal_conv1d=spy("causal_conv1d"), causal_conv1d_step=spy("causal_conv1d_step"))
+    monkeypatch.setattr(conv, "cpu_ops", lambda: kernels)
+    x = torch.randn(3, l, 74, dtype=dtype)[..., :37]
     weight, bias = torch.randn(37, 1, k, dtype=dtype), torch.randn(37, dtype=dtype)
-    state = torch.randn(3, 37, k - 1, dtype=dtype)
-    torch_state = state.clone()
-    y = causal_conv1d(x, weight, bias, "silu", conv_state=state)
+    carried = torch.randn(3, 37, k - 1, dtype=dtype) if state else None
+    torch_state = carried.clone() if state else None
+    y = causal_conv1d(x, weight, bias, "silu", conv_state=carried)
     expected = causal_conv1d(x, weight.requires_grad_(), bias, "silu", conv_state=torch_state).detach()
-    assert calls == [1]
+    assert calls == ["causal_conv1d_step" if l == 1 and state else "causal_conv1d"]
     assert_close(y, expected, TOL64 if dtype == torch.float64 else TOL32, "y")
-    assert torch.equal(state, torch_state), "conv_state"
+    if state:
+        assert torch.equal(carried, torch_state), "conv_state"
+
+
+def test_bfloat16_and_wide_convs_take_the_torch_path(monkeypatch):
+    conv = importlib.import_module("ssmblocks.ops.conv")
+
+    def fail(*args):
+        pytest.fail("a C++ kernel was called")
+
+    monkeypatch.setattr(conv, "cpu_ops", lambda: SimpleNamespace(causal_conv1d=fail, causal_conv1d_step=fail))
+    x, weight, b = conv_inputs(2, 5, 3, 4, True, torch.bfloat16)
+    causal_conv1d(x, weight, b, conv_state=torch.zeros(2, 3, 3, dtype=torch.bfloat16))
+    x, weight, b = conv_inputs(2, 5, 3, 5, True)
+    assert_close(causal_conv1d(x, weight, b), causal_conv1d_ref(x, weight, b), TOL64)
