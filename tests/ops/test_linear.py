@@ -6,7 +6,6 @@ along k, so o, m and k below leave every kind of remainder."""
 from __future__ import annotations
 
 import importlib
-import warnings
 
 import pytest
 import torch
@@ -14,20 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmblocks.layers.linear import Linear
-from ssmblocks.ops.cpu_kernel import cpu_ops
 from ssmblocks.ops.linear import linear
 
 LINEAR = importlib.import_module("ssmblocks.ops.linear")
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ops = cpu_ops()
-    if ops is None:
-        pytest.skip(f"the C++ CPU kernels did not build: {[str(w.message) for w in caught]}")
-    return ops
 
 
 @pytest.fixture

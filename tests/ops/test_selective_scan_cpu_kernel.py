@@ -34,16 +34,6 @@ SHAPES = {  # (b, l, e, n): l never a multiple of 16, e odd
 FEATURES = {"bare": (), "D": ("D",), "z": ("z",), "h0": ("h0",), "D_z_h0": ("D", "z", "h0")}
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ops = cpu_ops()
-    if ops is None:
-        pytest.skip(f"the C++ CPU kernel did not build: {[str(w.message) for w in caught]}")
-    return ops
-
-
 @pytest.fixture
 def kernel_calls(monkeypatch, kernel):
     """Routes selective_scan's kernel through a spy; returns the list of calls."""
