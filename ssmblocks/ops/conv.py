@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernel import cpu_ops
+from .cpu_kernel import cpu_kernels_may_run, cpu_ops
 
 
 def causal_conv1d_ref(
@@ -44,12 +44,10 @@ def causal_conv1d(
     tensors = [t for t in (x, weight, bias, conv_state) if t is not None]
     if (
         mask is None
-        and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and all(t.dtype == x.dtype for t in tensors)
         and (conv_state is None or conv_state.is_contiguous())
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and not torch.compiler.is_compiling()
+        and cpu_kernels_may_run(*tensors)
         and (ops := cpu_ops()) is not None
     ):  # on the CPU without autograd: one C++ pass (selective_scan_cpu.cpp)
         if l == 1 and conv_state is not None:  # decode's one token

@@ -45,3 +45,15 @@ def cpu_ops():
         )
         return None
     return torch.ops.ssmblocks_cpu
+
+
+def cpu_kernels_may_run(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call on these tensors (None entries skipped) may take a C++ kernel: all on the CPU, no
+    autograd through any of them (the kernels have no backward), and not being traced by torch.compile.
+    The caller adds its own dtype and layout conditions, then asks ``cpu_ops()`` for the kernels."""
+    present = [t for t in tensors if t is not None]
+    return (
+        all(t.device.type == "cpu" for t in present)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+        and not torch.compiler.is_compiling()
+    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernel import cpu_ops
+from .cpu_kernel import cpu_kernels_may_run, cpu_ops
 from .ssd import update_state
 
 # Largest |log decay| inside one chunk for which exp(+-log decay) is safe in float32, backward included.
@@ -59,12 +59,7 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_siz
     """
     wd = _work_dtype(x)
     inputs = (x, dt, A, B, C, D, z, initial_state)
-    if (
-        x.device.type == "cpu"
-        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
-        and not torch.compiler.is_compiling()
-        and (ops := cpu_ops()) is not None
-    ):
+    if cpu_kernels_may_run(*inputs) and (ops := cpu_ops()) is not None:
         y, h = ops.selective_scan(*(None if t is None else t.to(wd) for t in inputs))
         return y.to(x.dtype), h
     b, l, e = x.shape
@@ -148,11 +143,9 @@ def selective_scan_step(x, dt, A, B, C, state, D=None, z=None):
     wd = _work_dtype(x)
     inputs = (x, dt, A, B, C, D, z)
     if (
-        state.device.type == "cpu"
-        and state.dtype == wd
+        state.dtype == wd
         and state.is_contiguous()
-        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, state)))
-        and not torch.compiler.is_compiling()
+        and cpu_kernels_may_run(*inputs, state)
         and (ops := cpu_ops()) is not None
     ):
         x, dt, A, B, C, D, z = (t if t is None or t.dtype == wd else t.to(wd) for t in inputs)
