@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--decode", type=int, default=16, help="greedy tokens decoded before training (0: none)")
     parser.add_argument("--metrics", help="write loss curve, tokens/s and peak memory here (JSON, rank 0)")
-    parser.add_argument("--baseline", help="metrics JSON of another run: print the largest loss difference")
+    parser.add_argument("--baseline", help="metrics JSON of another run: print the largest and median loss difference")
     parser.add_argument("--profile", help="profile 3 steps after the timing warmup; rank 0 writes op tables here")
     args = parser.parse_args(argv)
 
@@ -206,18 +206,17 @@ def main(argv: list[str] | None = None) -> dict:
             f"peak memory per process {metrics['peak_memory_mib_per_process']:.0f} MiB"
         )
         if args.baseline:
-            base = json.loads(Path(args.baseline).read_text())["losses"]
-            diffs = [abs(a - b) for a, b in zip(losses, base, strict=False)]
+            base = json.loads(Path(args.baseline).read_text())
+            diffs = [abs(a - b) for a, b in zip(losses, base["losses"], strict=False)]
             metrics["max_loss_difference_to_baseline"] = max(diffs)
             metrics["median_loss_difference_to_baseline"] = statistics.median(diffs)
             print(
                 f"loss difference to {args.baseline} over {len(diffs)} steps: largest {max(diffs):.3g}, "
                 f"median {statistics.median(diffs):.3g}"
             )
-            base_decoded = json.loads(Path(args.baseline).read_text())["decoded"]
-            if decoded is not None and base_decoded is not None:
-                metrics["decoded_equal_to_baseline"] = decoded == base_decoded
-                print(f"decoded tokens equal to the baseline's: {decoded == base_decoded}")
+            if decoded is not None and base["decoded"] is not None:
+                metrics["decoded_equal_to_baseline"] = decoded == base["decoded"]
+                print(f"decoded tokens equal to the baseline's: {decoded == base['decoded']}")
         if args.metrics:
             Path(args.metrics).write_text(json.dumps(metrics, indent=1))
     if dist.is_initialized():
