@@ -454,6 +454,14 @@ void parallel_run(const P& p, int64_t batch, int64_t units, int64_t grain) {
   });
 }
 
+// The checks every entry point makes of its tensor arguments: op's argument `name` has `shape` and is a
+// CPU tensor of x's dtype.
+void check_arg(const char* op, const at::Tensor& t, at::IntArrayRef shape, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " has shape ", t.sizes(), ", expected ", shape);
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device().is_cpu(), op, ": ", name,
+              " must be a CPU tensor of x's dtype");
+}
+
 at::Tensor unit_last_stride(const at::Tensor& t) {
   return t.stride(-1) == 1 ? t : t.contiguous();
 }
@@ -468,9 +476,7 @@ std::tuple<at::Tensor, at::Tensor> selective_scan(const at::Tensor& x_, const at
   TORCH_CHECK(x_.dim() == 3 && A.dim() == 2, "selective_scan: x must be (b, l, e) and A (e, n)");
   const int64_t b = x_.size(0), l = x_.size(1), e = x_.size(2), n = A.size(1);
   const auto check = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-    TORCH_CHECK(t.sizes() == shape, "selective_scan: ", name, " has shape ", t.sizes(), ", expected ", shape);
-    TORCH_CHECK(t.scalar_type() == x_.scalar_type() && t.device().is_cpu(), "selective_scan: ", name,
-                " must be a CPU tensor of x's dtype");
+    check_arg("selective_scan", t, shape, name, x_);
   };
   check(dt_, {b, l, e}, "dt");
   check(A, {e, n}, "A");
@@ -505,9 +511,7 @@ at::Tensor selective_scan_step(const at::Tensor& x_, const at::Tensor& dt_, cons
   TORCH_CHECK(x_.dim() == 2 && A_.dim() == 2, "selective_scan_step: x must be (b, e) and A (e, n)");
   const int64_t b = x_.size(0), e = x_.size(1), n = A_.size(1);
   const auto check = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-    TORCH_CHECK(t.sizes() == shape, "selective_scan_step: ", name, " has shape ", t.sizes(), ", expected ", shape);
-    TORCH_CHECK(t.scalar_type() == x_.scalar_type() && t.device().is_cpu(), "selective_scan_step: ", name,
-                " must be a CPU tensor of x's dtype");
+    check_arg("selective_scan_step", t, shape, name, x_);
     return t.contiguous();
   };
   const at::Tensor x = check(x_, {b, e}, "x"), dt = check(dt_, {b, e}, "dt"), A = check(A_, {e, n}, "A");
@@ -535,9 +539,7 @@ at::Tensor causal_conv1d(const at::Tensor& x_, const at::Tensor& weight, const s
   const int64_t b = x_.size(0), l = x_.size(1), c = x_.size(2), k = weight.size(1);
   TORCH_CHECK(k >= 1 && k <= 4, "causal_conv1d: kernel width ", k, " not in 1..4");
   const auto check = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-    TORCH_CHECK(t.sizes() == shape, "causal_conv1d: ", name, " has shape ", t.sizes(), ", expected ", shape);
-    TORCH_CHECK(t.scalar_type() == x_.scalar_type() && t.device().is_cpu(), "causal_conv1d: ", name,
-                " must be a CPU tensor of x's dtype");
+    check_arg("causal_conv1d", t, shape, name, x_);
   };
   check(weight, {c, k}, "weight");
   if (bias_) check(*bias_, {c}, "bias");
@@ -565,9 +567,7 @@ at::Tensor causal_conv1d_step(const at::Tensor& x_, at::Tensor& state, const at:
   TORCH_CHECK(x_.dim() == 2 && weight_.dim() == 2, "causal_conv1d_step: x must be (b, c) and weight (c, k)");
   const int64_t b = x_.size(0), c = x_.size(1), k = weight_.size(1);
   const auto check = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-    TORCH_CHECK(t.sizes() == shape, "causal_conv1d_step: ", name, " has shape ", t.sizes(), ", expected ", shape);
-    TORCH_CHECK(t.scalar_type() == x_.scalar_type() && t.device().is_cpu(), "causal_conv1d_step: ", name,
-                " must be a CPU tensor of x's dtype");
+    check_arg("causal_conv1d_step", t, shape, name, x_);
   };
   check(weight_, {c, k}, "weight");
   check(state, {b, c, k - 1}, "state");
