@@ -12,6 +12,7 @@ from ..errors import check_positive
 from ..ops.selective_scan import selective_scan, selective_scan_step
 from ..state import SSMState
 from ._entry import SequenceLayer
+from ._fused_step import fused_step_kernels
 from ._init import KeepFloat32, at_least_float32, dt_bias_init
 from ._local import local
 from .conv import CausalConv1d
@@ -104,6 +105,8 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
         return self.d_model
 
     def _mix(self, x: torch.Tensor, state: SSMState | None, mask: torch.Tensor | None) -> torch.Tensor:
+        if state is not None and x.shape[1] == 1 and mask is None and (y := self._fused_step(x, state)) is not None:
+            return y
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
         xs = self.conv1d.conv(xs, None if state is None else state.conv, mask)
         if mask is not None:
@@ -120,6 +123,19 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
             if state is not None:
                 state.ssm.copy_(final)
         return self.out_proj(y)
+
+    def _fused_step(self, x: torch.Tensor, state: SSMState) -> torch.Tensor | None:
+        """Decode's step, x (b, 1, d) -> (b, 1, d), in one C++ call: the same computation as ``_mix``; None
+        where it may not run (see fused_step_kernels)."""
+        conv, in_proj, x_proj, dt_proj, out_proj = self.conv1d, self.in_proj, self.x_proj, self.dt_proj, self.out_proj
+        params = (
+            in_proj.weight, in_proj.bias, conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias,
+            self.A_log, self.D, out_proj.weight, out_proj.bias,
+        )  # fmt: skip
+        inner = ((in_proj, Linear), (conv, CausalConv1d), (x_proj, Linear), (dt_proj, Linear), (out_proj, Linear))
+        if (ops := fused_step_kernels(x, state, params, inner)) is None:
+            return None
+        return ops.selective_ssm_step(x, state.conv, state.ssm, *params)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}"

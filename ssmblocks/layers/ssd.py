@@ -12,6 +12,7 @@ from ..errors import check_positive
 from ..ops.ssd import ssd_chunked, ssd_step
 from ..state import SSMState
 from ._entry import SequenceLayer
+from ._fused_step import fused_step_kernels
 from ._init import KeepFloat32, at_least_float32, dt_bias_init
 from ._local import local
 from .conv import CausalConv1d
@@ -128,6 +129,8 @@ class SSD(KeepFloat32, SequenceLayer):
     def _mix(self, x: torch.Tensor, state: SSMState | None, mask: torch.Tensor | None) -> torch.Tensor:
         b, l, _ = x.shape
         h, p, g, n = self.n_heads, self.head_dim, self.n_groups, self.d_state
+        if state is not None and l == 1 and mask is None and (y := self._fused_step(x, state)) is not None:
+            return y
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, h], dim=-1)
         xbc = self.conv1d.conv(xbc, None if state is None else state.conv, mask)
         xs, B, C = xbc.split([self.d_inner, g * n, g * n], dim=-1)
@@ -149,6 +152,22 @@ class SSD(KeepFloat32, SequenceLayer):
                 state.ssm.copy_(final)
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y)
+
+    def _fused_step(self, x: torch.Tensor, state: SSMState) -> torch.Tensor | None:
+        """Decode's step, x (b, 1, d) -> (b, 1, d), in one C++ call: the same computation as ``_mix``; None
+        where it may not run (see fused_step_kernels)."""
+        conv, norm, in_proj, out_proj = self.conv1d, self.norm, self.in_proj, self.out_proj
+        params = (
+            in_proj.weight, in_proj.bias, conv.weight, conv.bias, self.dt_bias, self.A_log, self.D, norm.weight,
+            out_proj.weight, out_proj.bias,
+        )  # fmt: skip
+        inner = ((in_proj, Linear), (conv, CausalConv1d), (norm, GatedRMSNorm), (out_proj, Linear))
+        if (ops := fused_step_kernels(x, state, params, inner)) is None:
+            return None
+        return ops.ssd_mixer_step(
+            x, state.conv, state.ssm, *params[:7], *self.dt_limit, norm.weight, norm.eps, norm.group_size,
+            norm.norm_before_gate, *params[-2:],
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (

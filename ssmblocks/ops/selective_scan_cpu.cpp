@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/softplus.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -148,12 +150,14 @@ SSM_INLINE void scan(const Scan<T>& s, int64_t b, int64_t g0, int64_t g1) {
 
 // One token, contiguous tensors: x, dt, z, y: (b, e); B, C: (b, n); A: (e, n); D: (e,); h: (b, e, n),
 // updated in place. D and z may be null.
+// A_is_log: A holds log(-A) (the layer's A_log), and A = -exp(A_log) is taken on the fly.
 template <typename T>
 struct Step {
   using Type = T;
   const T *x, *dt, *A, *B, *C, *D, *z;
   T *h, *y;
   int64_t e, n;
+  bool A_is_log;
 };
 
 // Sum of a vector's lanes, halving it.
@@ -202,6 +206,7 @@ SSM_INLINE void step(const Step<T>& s, int64_t b, int64_t c0, int64_t c1) {
     for (int64_t k = 0; k < full; k += L) {
       std::memcpy(&hv, h + k, Bytes);
       std::memcpy(&av, a + k, Bytes);
+      if (s.A_is_log) av = -exp2v<Bytes>(av * T(kLog2e));
       std::memcpy(&bv, Bb + k, Bytes);
       std::memcpy(&cv, Cb + k, Bytes);
       hv = exp2v<Bytes>(av * (dt * T(kLog2e))) * hv + u * bv;
@@ -210,7 +215,7 @@ SSM_INLINE void step(const Step<T>& s, int64_t b, int64_t c0, int64_t c1) {
     }
     y[c] = lane_sum<T, Bytes>(acc);
     for (int64_t k = full; k < n; ++k) {
-      h[k] = std::exp(dt * a[k]) * h[k] + u * Bb[k];
+      h[k] = std::exp(dt * (s.A_is_log ? -std::exp(a[k]) : a[k])) * h[k] + u * Bb[k];
       y[c] += h[k] * Cb[k];
     }
   }
@@ -345,6 +350,104 @@ struct ConvStep {
   bool silu;
 };
 
+// One token of SSD (Mamba2) from the rows of the conv's output: x (b, h p) at row stride sx, B and C (b, g n)
+// at the same row stride; dt_raw (b, h) at row stride sdt, before the bias and softplus; A_log (h,); D (h,)
+// or (h p,), may be null; h (b, h, p, n) contiguous, updated in place; y (b, h p).
+template <typename T>
+struct SsdStep {
+  using Type = T;
+  const T *x, *B, *C, *dt_raw, *dt_bias, *A_log, *D;
+  T *h, *y;
+  int64_t heads, p, n, g, sx, sdt;
+  T dt_min, dt_max;
+  bool D_per_channel;
+};
+
+// Heads h0 .. h1 of batch element b: dt = clamp(softplus(dt_raw + dt_bias)), then for each of the head's p
+// rows h <- exp(-dt exp(A_log)) h + (dt x) B, y = h C + D x, in vectors along n (the last n % lanes one by one).
+template <typename T, int Bytes>
+SSM_INLINE void ssd_step_heads(const SsdStep<T>& s, int64_t b, int64_t h0, int64_t h1) {
+  using V = typename Simd<T, Bytes>::V;
+  constexpr int64_t L = Bytes / sizeof(T);
+  const int64_t n = s.n, p = s.p, full = n / L * L, per_group = s.heads / s.g;
+  for (int64_t hd = h0; hd < h1; ++hd) {
+    const T raw = s.dt_raw[b * s.sdt + hd] + s.dt_bias[hd];
+    const T dt = std::min(std::max(raw > T(20) ? raw : std::log1p(std::exp(raw)), s.dt_min), s.dt_max);
+    const T decay = std::exp(-dt * std::exp(s.A_log[hd]));
+    const int64_t bc = b * s.sx + hd / per_group * n;
+    const T *Bg = s.B + bc, *Cg = s.C + bc, *x = s.x + b * s.sx + hd * p;
+    T* y = s.y + (b * s.heads + hd) * p;
+    T* h = s.h + (b * s.heads + hd) * p * n;
+    for (int64_t i = 0; i < p; ++i, h += n) {
+      const T u = dt * x[i];
+      V acc{}, hv, bv, cv;
+      for (int64_t k = 0; k < full; k += L) {
+        std::memcpy(&hv, h + k, Bytes);
+        std::memcpy(&bv, Bg + k, Bytes);
+        std::memcpy(&cv, Cg + k, Bytes);
+        hv = decay * hv + u * bv;
+        std::memcpy(h + k, &hv, Bytes);
+        acc += hv * cv;
+      }
+      T out = lane_sum<T, Bytes>(acc);
+      for (int64_t k = full; k < n; ++k) {
+        h[k] = decay * h[k] + u * Bg[k];
+        out += h[k] * Cg[k];
+      }
+      y[i] = out + (s.D ? s.D[s.D_per_channel ? hd * p + i : hd] : T(0)) * x[i];
+    }
+  }
+}
+
+// The gated RMS norm of one token's rows, in place: y (b, d) contiguous, z (b, d) at row stride sz, w (d,).
+// Per group of `group` channels: norm_before_gate ? norm(y) w silu(z) : norm(y silu(z)) w.
+template <typename T>
+struct GatedNorm {
+  using Type = T;
+  const T *z, *w;
+  T* y;
+  int64_t d, group, sz;
+  T eps;
+  bool norm_before_gate;
+};
+
+// m <= lanes values at src into a vector, zeros after them.
+template <typename T, int Bytes>
+SSM_INLINE typename Simd<T, Bytes>::V load_lanes(const T* src, int64_t m) {
+  typename Simd<T, Bytes>::V v{};
+  std::memcpy(&v, src, m * sizeof(T));
+  return v;
+}
+
+// Groups g0 .. g1 of row b: one pass for the gate and the sum of squares, one for the scaling.
+template <typename T, int Bytes>
+SSM_INLINE void gated_norm_groups(const GatedNorm<T>& p, int64_t b, int64_t g0, int64_t g1) {
+  using V = typename Simd<T, Bytes>::V;
+  constexpr int64_t L = Bytes / sizeof(T);
+  const auto silu = [](V v) { return v / (T(1) + exp2v<Bytes>(v * T(-kLog2e))); };
+  for (int64_t g = g0; g < g1; ++g) {
+    T* y = p.y + b * p.d + g * p.group;
+    const T *z = p.z + b * p.sz + g * p.group, *w = p.w + g * p.group;
+    V squares{};
+    for (int64_t c = 0; c < p.group; c += L) {
+      const int64_t m = std::min(L, p.group - c);
+      V v = load_lanes<T, Bytes>(y + c, m);
+      if (!p.norm_before_gate) {
+        v *= silu(load_lanes<T, Bytes>(z + c, m));
+        std::memcpy(y + c, &v, m * sizeof(T));
+      }
+      squares += v * v;
+    }
+    const T scale = T(1) / std::sqrt(lane_sum<T, Bytes>(squares) / T(p.group) + p.eps);
+    for (int64_t c = 0; c < p.group; c += L) {
+      const int64_t m = std::min(L, p.group - c);
+      V v = load_lanes<T, Bytes>(y + c, m) * scale * load_lanes<T, Bytes>(w + c, m);
+      if (p.norm_before_gate) v *= silu(load_lanes<T, Bytes>(z + c, m));
+      std::memcpy(y + c, &v, m * sizeof(T));
+    }
+  }
+}
+
 // Each kernel compiled for each vector unit; the one to use is picked at run time on x86-64, so that the
 // cached build runs on any x86-64 CPU. A kernel runs over units [u0, u1) (channel groups, channels) of
 // one batch element b.
@@ -386,20 +489,32 @@ SSM_INLINE void run(const Conv<T>& p, int64_t b, int64_t u0, int64_t u1) {
   }
 }
 
-// Units: channels of batch element b: a few multiply-adds each, then silu in vectors of Bytes.
-template <typename T, int Bytes>
-SSM_INLINE void run(const ConvStep<T>& p, int64_t b, int64_t c0, int64_t c1) {
-  const int64_t k = p.k;
-  const T* x = p.x + b * p.sx;
+// Channels c0 .. c1 of batch element b, the conv width K a template argument (0: any width, p.k).
+template <typename T, int K>
+SSM_INLINE void conv_step_channels(const ConvStep<T>& p, int64_t b, int64_t c0, int64_t c1) {
+  const int64_t k = K ? K : p.k;
+  const T* __restrict x = p.x + b * p.sx;
+  T* __restrict y = p.y + b * p.c;
   for (int64_t c = c0; c < c1; ++c) {
-    T* s = p.state + (b * p.c + c) * (k - 1);
-    const T* w = p.w + c * k;
+    T* __restrict s = p.state + (b * p.c + c) * (k - 1);
+    const T* __restrict w = p.w + c * k;
     T acc = p.bias ? p.bias[c] : T(0);
     for (int64_t j = 0; j + 1 < k; ++j) acc += w[j] * s[j];
     acc += w[k - 1] * x[c];
     for (int64_t j = 0; j + 2 < k; ++j) s[j] = s[j + 1];
     if (k > 1) s[k - 2] = x[c];
-    p.y[b * p.c + c] = acc;
+    y[c] = acc;
+  }
+}
+
+// Units: channels of batch element b: a few multiply-adds each, then silu in vectors of Bytes.
+template <typename T, int Bytes>
+SSM_INLINE void run(const ConvStep<T>& p, int64_t b, int64_t c0, int64_t c1) {
+  switch (p.k) {
+    case 2: conv_step_channels<T, 2>(p, b, c0, c1); break;
+    case 3: conv_step_channels<T, 3>(p, b, c0, c1); break;
+    case 4: conv_step_channels<T, 4>(p, b, c0, c1); break;
+    default: conv_step_channels<T, 0>(p, b, c0, c1);
   }
   if (!p.silu) return;
   using V = typename Simd<T, Bytes>::V;
@@ -411,6 +526,18 @@ SSM_INLINE void run(const ConvStep<T>& p, int64_t b, int64_t c0, int64_t c1) {
     v = v / (T(1) + exp2v<Bytes>(v * T(-kLog2e)));
     std::memcpy(p.y + b * p.c + c, &v, m * sizeof(T));
   }
+}
+
+// Units: heads of batch element b.
+template <typename T, int Bytes>
+SSM_INLINE void run(const SsdStep<T>& s, int64_t b, int64_t u0, int64_t u1) {
+  ssd_step_heads<T, Bytes>(s, b, u0, u1);
+}
+
+// Units: norm groups of row b.
+template <typename T, int Bytes>
+SSM_INLINE void run(const GatedNorm<T>& p, int64_t b, int64_t u0, int64_t u1) {
+  gated_norm_groups<T, Bytes>(p, b, u0, u1);
 }
 
 #if defined(__x86_64__)
@@ -505,9 +632,9 @@ std::tuple<at::Tensor, at::Tensor> selective_scan(const at::Tensor& x_, const at
 
 // x, dt: (b, e); A: (e, n); B, C: (b, n); state: (b, e, n), contiguous, updated in place; D: (e,); z: (b, e);
 // all of one dtype, float32 or float64, on the CPU. Returns y: (b, e).
-at::Tensor selective_scan_step(const at::Tensor& x_, const at::Tensor& dt_, const at::Tensor& A_,
-                               const at::Tensor& B_, const at::Tensor& C_, at::Tensor& state,
-                               const std::optional<at::Tensor>& D_, const std::optional<at::Tensor>& z_) {
+at::Tensor scan_step(const at::Tensor& x_, const at::Tensor& dt_, const at::Tensor& A_, const at::Tensor& B_,
+                     const at::Tensor& C_, at::Tensor& state, const std::optional<at::Tensor>& D_,
+                     const std::optional<at::Tensor>& z_, bool A_is_log) {
   TORCH_CHECK(x_.dim() == 2 && A_.dim() == 2, "selective_scan_step: x must be (b, e) and A (e, n)");
   const int64_t b = x_.size(0), e = x_.size(1), n = A_.size(1);
   const auto check = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
@@ -524,10 +651,17 @@ at::Tensor selective_scan_step(const at::Tensor& x_, const at::Tensor& dt_, cons
     using T = scalar_t;
     const Step<T> s{x.const_data_ptr<T>(), dt.const_data_ptr<T>(), A.const_data_ptr<T>(), B.const_data_ptr<T>(),
                     C.const_data_ptr<T>(), D_ ? D.const_data_ptr<T>() : nullptr,
-                    z_ ? z.const_data_ptr<T>() : nullptr, state.mutable_data_ptr<T>(), y.mutable_data_ptr<T>(), e, n};
-    parallel_run(s, b, e, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)));  // >= 32k state values a thread
+                    z_ ? z.const_data_ptr<T>() : nullptr, state.mutable_data_ptr<T>(), y.mutable_data_ptr<T>(), e, n,
+                    A_is_log};
+    parallel_run(s, b, e, std::max<int64_t>(1, 8192 / std::max<int64_t>(n, 1)));  // >= 8k state values a thread
   });
   return y;
+}
+
+at::Tensor selective_scan_step(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                               const at::Tensor& C, at::Tensor& state, const std::optional<at::Tensor>& D,
+                               const std::optional<at::Tensor>& z) {
+  return scan_step(x, dt, A, B, C, state, D, z, false);
 }
 
 // x: (b, l, c) with unit channel stride; weight: (c, k), k <= 4; bias: (c,) or None; state: (b, c, k - 1),
@@ -607,6 +741,100 @@ at::Tensor small_batch_linear(const at::Tensor& x_, const at::Tensor& weight_, c
   return y;
 }
 
+
+// x w^T + bias for the rows of decode: the small-batch kernel up to 16 rows (at one row it streams the weights
+// as fast as MKL's gemv), torch's linear above.
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return x.size(0) <= 16 ? small_batch_linear(x, weight, bias) : at::linear(x, weight, bias);
+}
+
+// Decode's whole SelectiveSSM (Mamba1) step, one call: x (b, 1, d) -> in_proj -> [x | z] (in_proj_weight
+// (2e, d)); x -> conv step + silu (conv_state (b, e, k - 1), conv_weight (e, 1, k), conv_bias (e,) or None) ->
+// [dt | B | C] = x x_proj_weight^T (x_proj_weight (r + 2n, e)); dt = softplus(dt dt_proj_weight^T +
+// dt_proj_bias) (dt_proj_weight (e, r)); the scan step with A = -exp(A_log) (A_log (e, n)) on ssm_state
+// (b, e, n); D (e,) or None; y = (h C + D x) silu(z) -> out_proj (out_proj_weight (d, e)). Biases may be None.
+// Both states are updated in place; one dtype, float32 or float64, on the CPU. Returns (b, 1, d).
+at::Tensor selective_ssm_step(const at::Tensor& x_, at::Tensor& conv_state, at::Tensor& ssm_state,
+                              const at::Tensor& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
+                              const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+                              const at::Tensor& x_proj_weight, const at::Tensor& dt_proj_weight,
+                              const std::optional<at::Tensor>& dt_proj_bias, const at::Tensor& A_log,
+                              const std::optional<at::Tensor>& D, const at::Tensor& out_proj_weight,
+                              const std::optional<at::Tensor>& out_proj_bias) {
+  TORCH_CHECK(x_.dim() == 3 && x_.size(1) == 1 && A_log.dim() == 2 && dt_proj_weight.dim() == 2 &&
+                  conv_weight.dim() == 3 && conv_weight.size(1) == 1,
+              "selective_ssm_step: x must be (b, 1, d), A_log (e, n), dt_proj_weight (e, r) and conv_weight "
+              "(e, 1, k)");
+  const int64_t e = A_log.size(0), n = A_log.size(1), r = dt_proj_weight.size(1);
+  check_arg("selective_ssm_step", x_proj_weight, {r + 2 * n, e}, "x_proj_weight", x_);
+  const at::Tensor xz = project(x_.select(1, 0), in_proj_weight, in_proj_bias);  // (b, 2e)
+  TORCH_CHECK(xz.size(1) == 2 * e, "selective_ssm_step: in_proj gives ", xz.size(1), " features, expected 2e = ",
+              2 * e);
+  const at::Tensor xc = causal_conv1d_step(xz.narrow(1, 0, e), conv_state, conv_weight.select(1, 0), conv_bias, true);
+  const at::Tensor dbc = project(xc, x_proj_weight, std::nullopt);  // (b, r + 2n)
+  const at::Tensor dt = at::softplus(project(dbc.narrow(1, 0, r), dt_proj_weight, dt_proj_bias));
+  const at::Tensor y =
+      scan_step(xc, dt, A_log, dbc.narrow(1, r, n), dbc.narrow(1, r + n, n), ssm_state, D, xz.narrow(1, e, e), true);
+  return project(y, out_proj_weight, out_proj_bias).unsqueeze(1);
+}
+
+// Decode's whole SSD (Mamba2) step, one call: x (b, 1, d) -> in_proj -> [z | xBC | dt] (in_proj_weight
+// (e + c + h, d), c = e + 2 g n). xBC -> conv step + silu (conv_state (b, c, k - 1), conv_weight (c, 1, k),
+// conv_bias (c,) or None); dt = clamp(softplus(dt + dt_bias), dt_min, dt_max) (dt_bias (h,)); the SSD step
+// with A = -exp(A_log) (A_log (h,)) on ssm_state (b, h, p, n), e = h p; D (h,) or (e,) or None; the gated
+// RMS norm with z over groups of group_size channels (norm_weight (e,)) -> out_proj (out_proj_weight (d, e)).
+// Biases may be None. Both states are updated in place; one dtype, float32 or float64, on the CPU. Returns
+// (b, 1, d).
+at::Tensor ssd_mixer_step(const at::Tensor& x_, at::Tensor& conv_state, at::Tensor& ssm_state,
+                          const at::Tensor& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
+                          const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+                          const at::Tensor& dt_bias, const at::Tensor& A_log, const std::optional<at::Tensor>& D_,
+                          double dt_min, double dt_max, const at::Tensor& norm_weight, double eps,
+                          int64_t group_size, bool norm_before_gate, const at::Tensor& out_proj_weight,
+                          const std::optional<at::Tensor>& out_proj_bias) {
+  TORCH_CHECK(x_.dim() == 3 && x_.size(1) == 1 && ssm_state.dim() == 4 && conv_weight.dim() == 3 &&
+                  conv_weight.size(1) == 1,
+              "ssd_mixer_step: x must be (b, 1, d), ssm_state (b, h, p, n) and conv_weight (c, 1, k)");
+  const int64_t b = x_.size(0), h = ssm_state.size(1), p = ssm_state.size(2), n = ssm_state.size(3);
+  const int64_t e = h * p, c = conv_weight.size(0), g = (c - e) / (2 * n);
+  const auto check = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+    check_arg("ssd_mixer_step", t, shape, name, x_);
+    return t.contiguous();
+  };
+  TORCH_CHECK(g >= 1 && c == e + 2 * g * n && h % g == 0, "ssd_mixer_step: conv_weight has ", c,
+              " channels, which is not h p + 2 g n for h = ", h, ", p = ", p, ", n = ", n, " and g dividing h");
+  TORCH_CHECK(group_size >= 1 && e % group_size == 0, "ssd_mixer_step: group_size ", group_size,
+              " does not divide ", e);
+  check(ssm_state, {b, h, p, n}, "ssm_state");
+  TORCH_CHECK(ssm_state.is_contiguous(), "ssd_mixer_step: ssm_state must be contiguous");
+  const at::Tensor dtb = check(dt_bias, {h}, "dt_bias"), Alog = check(A_log, {h}, "A_log");
+  const at::Tensor w = check(norm_weight, {e}, "norm_weight");
+  at::Tensor D;
+  if (D_) {
+    TORCH_CHECK(D_->numel() == h || D_->numel() == e, "ssd_mixer_step: D must be (h,) or (h p,), got ", D_->sizes());
+    D = check(*D_, D_->sizes(), "D");
+  }
+  const at::Tensor zxbcdt = project(x_.select(1, 0), in_proj_weight, in_proj_bias);  // (b, e + c + h)
+  TORCH_CHECK(zxbcdt.size(1) == e + c + h, "ssd_mixer_step: in_proj gives ", zxbcdt.size(1),
+              " features, expected 2 h p + 2 g n + h = ", e + c + h);
+  const at::Tensor xbc =
+      causal_conv1d_step(zxbcdt.narrow(1, e, c), conv_state, conv_weight.select(1, 0), conv_bias, true);
+  at::Tensor y = at::empty({b, e}, zxbcdt.options());
+  AT_DISPATCH_FLOATING_TYPES(zxbcdt.scalar_type(), "ssd_mixer_step", [&] {
+    using T = scalar_t;
+    const T* xs = xbc.const_data_ptr<T>();
+    const SsdStep<T> s{xs, xs + e, xs + e + g * n, zxbcdt.const_data_ptr<T>() + e + c, dtb.const_data_ptr<T>(),
+                       Alog.const_data_ptr<T>(), D_ ? D.const_data_ptr<T>() : nullptr,
+                       ssm_state.mutable_data_ptr<T>(), y.mutable_data_ptr<T>(), h, p, n, g, c, e + c + h,
+                       T(dt_min), T(dt_max), D_ && D.numel() == e};
+    parallel_run(s, b, h, std::max<int64_t>(1, 8192 / (p * n)));  // >= 8k state values a thread
+    const GatedNorm<T> norm{zxbcdt.const_data_ptr<T>(), w.const_data_ptr<T>(), y.mutable_data_ptr<T>(), e,
+                            group_size, e + c + h, T(eps), norm_before_gate};
+    parallel_run(norm, b, e / group_size, std::max<int64_t>(1, 4096 / group_size));
+  });
+  return project(y, out_proj_weight, out_proj_bias).unsqueeze(1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ssmblocks_cpu, m) {
@@ -619,6 +847,15 @@ TORCH_LIBRARY(ssmblocks_cpu, m) {
   m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("causal_conv1d(Tensor x, Tensor weight, Tensor? bias, Tensor(a!)? state, bool silu) -> Tensor");
   m.def("causal_conv1d_step(Tensor x, Tensor(a!) state, Tensor weight, Tensor? bias, bool silu) -> Tensor");
+  m.def(
+      "selective_ssm_step(Tensor x, Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor in_proj_weight, "
+      "Tensor? in_proj_bias, Tensor conv_weight, Tensor? conv_bias, Tensor x_proj_weight, Tensor dt_proj_weight, "
+      "Tensor? dt_proj_bias, Tensor A_log, Tensor? D, Tensor out_proj_weight, Tensor? out_proj_bias) -> Tensor");
+  m.def(
+      "ssd_mixer_step(Tensor x, Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor in_proj_weight, "
+      "Tensor? in_proj_bias, Tensor conv_weight, Tensor? conv_bias, Tensor dt_bias, Tensor A_log, Tensor? D, "
+      "float dt_min, float dt_max, Tensor norm_weight, float eps, int group_size, bool norm_before_gate, "
+      "Tensor out_proj_weight, Tensor? out_proj_bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ssmblocks_cpu, CPU, m) {
@@ -627,4 +864,6 @@ TORCH_LIBRARY_IMPL(ssmblocks_cpu, CPU, m) {
   m.impl("small_batch_linear", &small_batch_linear);
   m.impl("causal_conv1d", &causal_conv1d);
   m.impl("causal_conv1d_step", &causal_conv1d_step);
+  m.impl("selective_ssm_step", &selective_ssm_step);
+  m.impl("ssd_mixer_step", &ssd_mixer_step);
 }
