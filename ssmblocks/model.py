@@ -62,7 +62,12 @@ class Block(nn.Module):
             self.mlp = SwiGLU(recipe.d_model, recipe.mlp.hidden_dim, recipe.mlp.bias, **kw)
 
     def forward(self, residual, state=None, attention_mask=None, cu_seqlens=None):
-        """residual: (b, l, d) in the residual dtype; the mixer and MLP run in the module's dtype."""
+        """residual: (b, l, d) in the residual dtype; the mixer and MLP run in the module's dtype. Decode's
+        one token through an SSM block without MLP runs as one C++ call where it can (the mixer's fused_step)."""
+        one_token = state is not None and attention_mask is None and cu_seqlens is None and residual.shape[1] == 1
+        if one_token and self.mlp is None and isinstance(self.mixer, (SelectiveSSM, SSD)):
+            if (out := self.mixer.fused_step(residual, state, self.norm)) is not None:
+                return out
         dtype = self.norm.weight.dtype
         h = self.mixer(self.norm(residual).to(dtype), state=state, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
         residual = residual + h.to(residual.dtype)

@@ -9,27 +9,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import check_hidden
 from ..ops.cpu_kernel import cpu_kernels_may_run, cpu_ops
-from ..state import SSMState
+from ..state import SSMState, check_state
+from .norm import RMSNorm
 
 _FLOATS = (torch.float32, torch.float64)
 _PLAIN = (torch.Tensor, nn.Parameter)  # a parameter of a tensor subclass (torchao, DTensor) has the subclass's type
 
 
 def fused_step_kernels(
+    layer: nn.Module,
     x: torch.Tensor,
     state: SSMState,
     tensors: tuple[torch.Tensor | None, ...],
     modules: tuple[tuple[nn.Module, type], ...],
+    block_norm: RMSNorm | None = None,
 ):
-    """``torch.ops.ssmblocks_cpu`` when the one-call step may run, else None.
+    """``torch.ops.ssmblocks_cpu`` when the one-call step of ``layer`` may run, else None.
 
-    x: the mixer's input, one token; tensors: the parameters the call reads (None skipped);
-    modules: the mixer's inner modules with the class each must have exactly, the one the mixer built (a
-    PEFT adapter replaces a module, tensor parallelism may change its class), and no hooks. Also needed: x,
-    the parameters and both states of one dtype, float32 or float64, all plain tensors (not quantized or
-    distributed), contiguous states, on the CPU without autograd or tracing.
+    x: the input, one token (b, 1, d); tensors: the parameters the call reads (None skipped); modules: the
+    layer's inner modules with the class each must have exactly, the one the layer built (a PEFT adapter
+    replaces a module, tensor parallelism may change its class), and no hooks. block_norm: the norm of the
+    pre-norm residual block around the layer, whose step the call then runs; the layer's forward is bypassed,
+    so its checks of x and the state are made here. Also needed: x, the parameters and both states of one
+    dtype, float32 or float64, all plain tensors (not quantized or distributed), contiguous states, on the
+    CPU without autograd or tracing.
     """
+    if block_norm is not None:
+        name = type(layer).__name__
+        check_hidden(x, layer.width, name)
+        check_state(state, layer.state_type, x, name, layer.state_layout())
+        tensors, modules = (*tensors, block_norm.weight), (*modules, (block_norm, RMSNorm))
     present = [x, state.conv, state.ssm, *(t for t in tensors if t is not None)]
     if (
         x.dtype in _FLOATS

@@ -17,6 +17,7 @@ from ._init import KeepFloat32, at_least_float32, dt_bias_init
 from ._local import local
 from .conv import CausalConv1d
 from .linear import Linear
+from .norm import RMSNorm
 
 
 class SelectiveSSM(KeepFloat32, SequenceLayer):
@@ -105,7 +106,7 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
         return self.d_model
 
     def _mix(self, x: torch.Tensor, state: SSMState | None, mask: torch.Tensor | None) -> torch.Tensor:
-        if state is not None and x.shape[1] == 1 and mask is None and (y := self._fused_step(x, state)) is not None:
+        if state is not None and x.shape[1] == 1 and mask is None and (y := self.fused_step(x, state)) is not None:
             return y
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
         xs = self.conv1d.conv(xs, None if state is None else state.conv, mask)
@@ -124,18 +125,20 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
                 state.ssm.copy_(final)
         return self.out_proj(y)
 
-    def _fused_step(self, x: torch.Tensor, state: SSMState) -> torch.Tensor | None:
-        """Decode's step, x (b, 1, d) -> (b, 1, d), in one C++ call: the same computation as ``_mix``; None
-        where it may not run (see fused_step_kernels)."""
+    def fused_step(self, x: torch.Tensor, state: SSMState, block_norm: RMSNorm | None = None) -> torch.Tensor | None:
+        """Decode's step, x (b, 1, d) -> (b, 1, d), in one C++ call: the same computation as ``forward`` with
+        a state, or with ``block_norm`` that of a pre-norm residual block, x + forward(block_norm(x)). None
+        where it may not run (see fused_step_kernels); the state is then unchanged."""
         conv, in_proj, x_proj, dt_proj, out_proj = self.conv1d, self.in_proj, self.x_proj, self.dt_proj, self.out_proj
         params = (
             in_proj.weight, in_proj.bias, conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias,
             self.A_log, self.D, out_proj.weight, out_proj.bias,
         )  # fmt: skip
         inner = ((in_proj, Linear), (conv, CausalConv1d), (x_proj, Linear), (dt_proj, Linear), (out_proj, Linear))
-        if (ops := fused_step_kernels(x, state, params, inner)) is None:
+        if (ops := fused_step_kernels(self, x, state, params, inner, block_norm)) is None:
             return None
-        return ops.selective_ssm_step(x, state.conv, state.ssm, *params)
+        norm = () if block_norm is None else (block_norm.weight, block_norm.eps)
+        return ops.selective_ssm_step(x, state.conv, state.ssm, *params, *(norm or (None, 0.0)))
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}"

@@ -17,7 +17,7 @@ from ._init import KeepFloat32, at_least_float32, dt_bias_init
 from ._local import local
 from .conv import CausalConv1d
 from .linear import Linear
-from .norm import GatedRMSNorm
+from .norm import GatedRMSNorm, RMSNorm
 
 TORCH_CHUNK_SIZE = 64  # chunk of the torch SSD path: 64 ran 3.5x faster than 256 on a 2-core CPU
 
@@ -129,7 +129,7 @@ class SSD(KeepFloat32, SequenceLayer):
     def _mix(self, x: torch.Tensor, state: SSMState | None, mask: torch.Tensor | None) -> torch.Tensor:
         b, l, _ = x.shape
         h, p, g, n = self.n_heads, self.head_dim, self.n_groups, self.d_state
-        if state is not None and l == 1 and mask is None and (y := self._fused_step(x, state)) is not None:
+        if state is not None and l == 1 and mask is None and (y := self.fused_step(x, state)) is not None:
             return y
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, h], dim=-1)
         xbc = self.conv1d.conv(xbc, None if state is None else state.conv, mask)
@@ -153,20 +153,22 @@ class SSD(KeepFloat32, SequenceLayer):
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y)
 
-    def _fused_step(self, x: torch.Tensor, state: SSMState) -> torch.Tensor | None:
-        """Decode's step, x (b, 1, d) -> (b, 1, d), in one C++ call: the same computation as ``_mix``; None
-        where it may not run (see fused_step_kernels)."""
-        conv, norm, in_proj, out_proj = self.conv1d, self.norm, self.in_proj, self.out_proj
+    def fused_step(self, x: torch.Tensor, state: SSMState, block_norm: RMSNorm | None = None) -> torch.Tensor | None:
+        """Decode's step, x (b, 1, d) -> (b, 1, d), in one C++ call: the same computation as ``forward`` with
+        a state, or with ``block_norm`` that of a pre-norm residual block, x + forward(block_norm(x)). None
+        where it may not run (see fused_step_kernels); the state is then unchanged."""
+        conv, gated, in_proj, out_proj = self.conv1d, self.norm, self.in_proj, self.out_proj
         params = (
-            in_proj.weight, in_proj.bias, conv.weight, conv.bias, self.dt_bias, self.A_log, self.D, norm.weight,
+            in_proj.weight, in_proj.bias, conv.weight, conv.bias, self.dt_bias, self.A_log, self.D, gated.weight,
             out_proj.weight, out_proj.bias,
         )  # fmt: skip
-        inner = ((in_proj, Linear), (conv, CausalConv1d), (norm, GatedRMSNorm), (out_proj, Linear))
-        if (ops := fused_step_kernels(x, state, params, inner)) is None:
+        inner = ((in_proj, Linear), (conv, CausalConv1d), (gated, GatedRMSNorm), (out_proj, Linear))
+        if (ops := fused_step_kernels(self, x, state, params, inner, block_norm)) is None:
             return None
+        norm = () if block_norm is None else (block_norm.weight, block_norm.eps)
         return ops.ssd_mixer_step(
-            x, state.conv, state.ssm, *params[:7], *self.dt_limit, norm.weight, norm.eps, norm.group_size,
-            norm.norm_before_gate, *params[-2:],
+            x, state.conv, state.ssm, *params[:7], *self.dt_limit, gated.weight, gated.eps, gated.group_size,
+            gated.norm_before_gate, *params[-2:], *(norm or (None, 0.0)),
         )  # fmt: skip
 
     def extra_repr(self) -> str:

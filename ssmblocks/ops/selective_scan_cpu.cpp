@@ -400,7 +400,8 @@ SSM_INLINE void ssd_step_heads(const SsdStep<T>& s, int64_t b, int64_t h0, int64
 }
 
 // The gated RMS norm of one token's rows, in place: y (b, d) contiguous, z (b, d) at row stride sz, w (d,).
-// Per group of `group` channels: norm_before_gate ? norm(y) w silu(z) : norm(y silu(z)) w.
+// Per group of `group` channels: norm_before_gate ? norm(y) w silu(z) : norm(y silu(z)) w; without z (null),
+// the plain RMS norm norm(y) w.
 template <typename T>
 struct GatedNorm {
   using Type = T;
@@ -427,12 +428,12 @@ SSM_INLINE void gated_norm_groups(const GatedNorm<T>& p, int64_t b, int64_t g0, 
   const auto silu = [](V v) { return v / (T(1) + exp2v<Bytes>(v * T(-kLog2e))); };
   for (int64_t g = g0; g < g1; ++g) {
     T* y = p.y + b * p.d + g * p.group;
-    const T *z = p.z + b * p.sz + g * p.group, *w = p.w + g * p.group;
+    const T *z = p.z ? p.z + b * p.sz + g * p.group : nullptr, *w = p.w + g * p.group;
     V squares{};
     for (int64_t c = 0; c < p.group; c += L) {
       const int64_t m = std::min(L, p.group - c);
       V v = load_lanes<T, Bytes>(y + c, m);
-      if (!p.norm_before_gate) {
+      if (z && !p.norm_before_gate) {
         v *= silu(load_lanes<T, Bytes>(z + c, m));
         std::memcpy(y + c, &v, m * sizeof(T));
       }
@@ -442,7 +443,7 @@ SSM_INLINE void gated_norm_groups(const GatedNorm<T>& p, int64_t b, int64_t g0, 
     for (int64_t c = 0; c < p.group; c += L) {
       const int64_t m = std::min(L, p.group - c);
       V v = load_lanes<T, Bytes>(y + c, m) * scale * load_lanes<T, Bytes>(w + c, m);
-      if (p.norm_before_gate) v *= silu(load_lanes<T, Bytes>(z + c, m));
+      if (z && p.norm_before_gate) v *= silu(load_lanes<T, Bytes>(z + c, m));
       std::memcpy(y + c, &v, m * sizeof(T));
     }
   }
@@ -742,6 +743,26 @@ at::Tensor small_batch_linear(const at::Tensor& x_, const at::Tensor& weight_, c
 }
 
 
+// The input of a mixer inside a pre-norm residual block: x (b, d) normalised by RMS with weight (d,), or x
+// itself without a weight.
+at::Tensor pre_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps) {
+  if (!weight) return x;
+  const int64_t b = x.size(0), d = x.size(1);
+  check_arg("pre_norm", *weight, {d}, "norm weight", x);
+  at::Tensor y = x.contiguous().clone(), w = weight->contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pre_norm", [&] {
+    using T = scalar_t;
+    const GatedNorm<T> norm{nullptr, w.const_data_ptr<T>(), y.mutable_data_ptr<T>(), d, d, 0, T(eps), false};
+    parallel_run(norm, b, 1, 1);
+  });
+  return y;
+}
+
+// The mixer's output, plus the block's input x (b, d) when the call runs a whole pre-norm residual block.
+at::Tensor finish_block(const at::Tensor& out, const at::Tensor& x, bool residual) {
+  return (residual ? out.add_(x) : out).unsqueeze(1);
+}
+
 // x w^T + bias for the rows of decode: the small-batch kernel up to 16 rows (at one row it streams the weights
 // as fast as MKL's gemv), torch's linear above.
 at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -753,21 +774,24 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const std::opt
 // [dt | B | C] = x x_proj_weight^T (x_proj_weight (r + 2n, e)); dt = softplus(dt dt_proj_weight^T +
 // dt_proj_bias) (dt_proj_weight (e, r)); the scan step with A = -exp(A_log) (A_log (e, n)) on ssm_state
 // (b, e, n); D (e,) or None; y = (h C + D x) silu(z) -> out_proj (out_proj_weight (d, e)). Biases may be None.
-// Both states are updated in place; one dtype, float32 or float64, on the CPU. Returns (b, 1, d).
+// With block_norm_weight (d,), the call is a whole pre-norm residual block: x + mixer(rms_norm(x)). Both
+// states are updated in place; one dtype, float32 or float64, on the CPU. Returns (b, 1, d).
 at::Tensor selective_ssm_step(const at::Tensor& x_, at::Tensor& conv_state, at::Tensor& ssm_state,
                               const at::Tensor& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
                               const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
                               const at::Tensor& x_proj_weight, const at::Tensor& dt_proj_weight,
                               const std::optional<at::Tensor>& dt_proj_bias, const at::Tensor& A_log,
                               const std::optional<at::Tensor>& D, const at::Tensor& out_proj_weight,
-                              const std::optional<at::Tensor>& out_proj_bias) {
+                              const std::optional<at::Tensor>& out_proj_bias,
+                              const std::optional<at::Tensor>& block_norm_weight, double block_norm_eps) {
   TORCH_CHECK(x_.dim() == 3 && x_.size(1) == 1 && A_log.dim() == 2 && dt_proj_weight.dim() == 2 &&
                   conv_weight.dim() == 3 && conv_weight.size(1) == 1,
               "selective_ssm_step: x must be (b, 1, d), A_log (e, n), dt_proj_weight (e, r) and conv_weight "
               "(e, 1, k)");
   const int64_t e = A_log.size(0), n = A_log.size(1), r = dt_proj_weight.size(1);
   check_arg("selective_ssm_step", x_proj_weight, {r + 2 * n, e}, "x_proj_weight", x_);
-  const at::Tensor xz = project(x_.select(1, 0), in_proj_weight, in_proj_bias);  // (b, 2e)
+  const at::Tensor x = x_.select(1, 0);
+  const at::Tensor xz = project(pre_norm(x, block_norm_weight, block_norm_eps), in_proj_weight, in_proj_bias);
   TORCH_CHECK(xz.size(1) == 2 * e, "selective_ssm_step: in_proj gives ", xz.size(1), " features, expected 2e = ",
               2 * e);
   const at::Tensor xc = causal_conv1d_step(xz.narrow(1, 0, e), conv_state, conv_weight.select(1, 0), conv_bias, true);
@@ -775,7 +799,7 @@ at::Tensor selective_ssm_step(const at::Tensor& x_, at::Tensor& conv_state, at::
   const at::Tensor dt = at::softplus(project(dbc.narrow(1, 0, r), dt_proj_weight, dt_proj_bias));
   const at::Tensor y =
       scan_step(xc, dt, A_log, dbc.narrow(1, r, n), dbc.narrow(1, r + n, n), ssm_state, D, xz.narrow(1, e, e), true);
-  return project(y, out_proj_weight, out_proj_bias).unsqueeze(1);
+  return finish_block(project(y, out_proj_weight, out_proj_bias), x, block_norm_weight.has_value());
 }
 
 // Decode's whole SSD (Mamba2) step, one call: x (b, 1, d) -> in_proj -> [z | xBC | dt] (in_proj_weight
@@ -783,15 +807,17 @@ at::Tensor selective_ssm_step(const at::Tensor& x_, at::Tensor& conv_state, at::
 // conv_bias (c,) or None); dt = clamp(softplus(dt + dt_bias), dt_min, dt_max) (dt_bias (h,)); the SSD step
 // with A = -exp(A_log) (A_log (h,)) on ssm_state (b, h, p, n), e = h p; D (h,) or (e,) or None; the gated
 // RMS norm with z over groups of group_size channels (norm_weight (e,)) -> out_proj (out_proj_weight (d, e)).
-// Biases may be None. Both states are updated in place; one dtype, float32 or float64, on the CPU. Returns
-// (b, 1, d).
+// Biases may be None. With block_norm_weight (d,), the call is a whole pre-norm residual block:
+// x + mixer(rms_norm(x)). Both states are updated in place; one dtype, float32 or float64, on the CPU.
+// Returns (b, 1, d).
 at::Tensor ssd_mixer_step(const at::Tensor& x_, at::Tensor& conv_state, at::Tensor& ssm_state,
                           const at::Tensor& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
                           const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
                           const at::Tensor& dt_bias, const at::Tensor& A_log, const std::optional<at::Tensor>& D_,
                           double dt_min, double dt_max, const at::Tensor& norm_weight, double eps,
                           int64_t group_size, bool norm_before_gate, const at::Tensor& out_proj_weight,
-                          const std::optional<at::Tensor>& out_proj_bias) {
+                          const std::optional<at::Tensor>& out_proj_bias,
+                          const std::optional<at::Tensor>& block_norm_weight, double block_norm_eps) {
   TORCH_CHECK(x_.dim() == 3 && x_.size(1) == 1 && ssm_state.dim() == 4 && conv_weight.dim() == 3 &&
                   conv_weight.size(1) == 1,
               "ssd_mixer_step: x must be (b, 1, d), ssm_state (b, h, p, n) and conv_weight (c, 1, k)");
@@ -814,7 +840,8 @@ at::Tensor ssd_mixer_step(const at::Tensor& x_, at::Tensor& conv_state, at::Tens
     TORCH_CHECK(D_->numel() == h || D_->numel() == e, "ssd_mixer_step: D must be (h,) or (h p,), got ", D_->sizes());
     D = check(*D_, D_->sizes(), "D");
   }
-  const at::Tensor zxbcdt = project(x_.select(1, 0), in_proj_weight, in_proj_bias);  // (b, e + c + h)
+  const at::Tensor x = x_.select(1, 0);
+  const at::Tensor zxbcdt = project(pre_norm(x, block_norm_weight, block_norm_eps), in_proj_weight, in_proj_bias);
   TORCH_CHECK(zxbcdt.size(1) == e + c + h, "ssd_mixer_step: in_proj gives ", zxbcdt.size(1),
               " features, expected 2 h p + 2 g n + h = ", e + c + h);
   const at::Tensor xbc =
@@ -832,7 +859,7 @@ at::Tensor ssd_mixer_step(const at::Tensor& x_, at::Tensor& conv_state, at::Tens
                             group_size, e + c + h, T(eps), norm_before_gate};
     parallel_run(norm, b, e / group_size, std::max<int64_t>(1, 4096 / group_size));
   });
-  return project(y, out_proj_weight, out_proj_bias).unsqueeze(1);
+  return finish_block(project(y, out_proj_weight, out_proj_bias), x, block_norm_weight.has_value());
 }
 
 }  // namespace
@@ -850,12 +877,13 @@ TORCH_LIBRARY(ssmblocks_cpu, m) {
   m.def(
       "selective_ssm_step(Tensor x, Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor in_proj_weight, "
       "Tensor? in_proj_bias, Tensor conv_weight, Tensor? conv_bias, Tensor x_proj_weight, Tensor dt_proj_weight, "
-      "Tensor? dt_proj_bias, Tensor A_log, Tensor? D, Tensor out_proj_weight, Tensor? out_proj_bias) -> Tensor");
+      "Tensor? dt_proj_bias, Tensor A_log, Tensor? D, Tensor out_proj_weight, Tensor? out_proj_bias, "
+      "Tensor? block_norm_weight, float block_norm_eps) -> Tensor");
   m.def(
       "ssd_mixer_step(Tensor x, Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor in_proj_weight, "
       "Tensor? in_proj_bias, Tensor conv_weight, Tensor? conv_bias, Tensor dt_bias, Tensor A_log, Tensor? D, "
       "float dt_min, float dt_max, Tensor norm_weight, float eps, int group_size, bool norm_before_gate, "
-      "Tensor out_proj_weight, Tensor? out_proj_bias) -> Tensor");
+      "Tensor out_proj_weight, Tensor? out_proj_bias, Tensor? block_norm_weight, float block_norm_eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ssmblocks_cpu, CPU, m) {
