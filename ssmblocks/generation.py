@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .errors import ShapeError
+from .model import CausalLM
 from .state import ModelState
 
 
@@ -79,7 +80,10 @@ def stream(
 
     state = model.init_state(b, l + max_new_tokens)
     logits = prefill(model, input_ids, state, attention_mask, prefill_chunk_size)
-    step = _graph_step(model, state, b) if (device.type == "cuda" if cuda_graph is None else cuda_graph) else None
+    if device.type == "cuda" if cuda_graph is None else cuda_graph:
+        step = _graph_step(model, state, b)
+    else:
+        step = _fused_cpu_step(model, state, b)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
         token = pick(logits).masked_fill(finished, pad)
@@ -104,6 +108,28 @@ def prefill(
         mask = None if attention_mask is None else attention_mask[:, start : start + chunk]
         logits = model(input_ids[:, start : start + chunk], state=state, attention_mask=mask).logits
     return logits[:, -1]
+
+
+def _fused_cpu_step(model, state: ModelState, b: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A decode step (token (b,) -> logits (b, vocab)) whose blocks each run as one C++ call, checked and bound
+    once here rather than at every token (as a CUDA graph is captured once); it advances the state like the
+    model's forward. None unless the model is a CausalLM whose every block can (Block.fused_call: on the CPU,
+    float32 or float64, SSM mixers without MLP, no autograd)."""
+    if not isinstance(model, CausalLM):
+        return None
+    residual = model.embed(torch.zeros(b, 1, dtype=torch.long, device=model.embedding.weight.device))
+    calls = [block.fused_call(residual, s) for block, s in zip(model.layers, state.layers, strict=True)]
+    if any(call is None for call in calls):
+        return None
+
+    def step(token: torch.Tensor) -> torch.Tensor:
+        residual = model.embed(token[:, None])
+        for call in calls:
+            residual = call(residual)
+        state.offset += 1
+        return model.head(residual)[:, -1]
+
+    return step
 
 
 def _graph_step(model, state: ModelState, b: int) -> Callable[[torch.Tensor], torch.Tensor]:

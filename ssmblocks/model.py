@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -63,17 +64,24 @@ class Block(nn.Module):
 
     def forward(self, residual, state=None, attention_mask=None, cu_seqlens=None):
         """residual: (b, l, d) in the residual dtype; the mixer and MLP run in the module's dtype. Decode's
-        one token through an SSM block without MLP runs as one C++ call where it can (the mixer's fused_step)."""
+        one token runs as one C++ call where it can (fused_call)."""
         one_token = state is not None and attention_mask is None and cu_seqlens is None and residual.shape[1] == 1
-        if one_token and self.mlp is None and isinstance(self.mixer, (SelectiveSSM, SSD)):
-            if (out := self.mixer.fused_step(residual, state, self.norm)) is not None:
-                return out
+        if one_token and (call := self.fused_call(residual, state)) is not None:
+            return call(residual)
         dtype = self.norm.weight.dtype
         h = self.mixer(self.norm(residual).to(dtype), state=state, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
         residual = residual + h.to(residual.dtype)
         if self.mlp is not None:
             residual = residual + self.mlp(self.norm2(residual).to(dtype)).to(residual.dtype)
         return residual
+
+
+    def fused_call(self, residual: torch.Tensor, state) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The block's decode step as one C++ call, residual (b, 1, d) -> (b, 1, d), checked for inputs like
+        ``residual``: for an SSM mixer without MLP where the mixer's ``fused_call`` can run; else None."""
+        if self.mlp is None and isinstance(self.mixer, (SelectiveSSM, SSD)):
+            return self.mixer.fused_call(residual, state, self.norm)
+        return None
 
 
 class LMOutput(NamedTuple):
@@ -137,9 +145,7 @@ class CausalLM(nn.Module):
     ) -> LMOutput:
         """input_ids: (b, l) int. state: read and updated in place. labels: (b, l), -100 = ignore."""
         self._check_ids(input_ids, state)
-        residual = self.embedding(input_ids)
-        if self.recipe.residual_in_fp32:
-            residual = residual.float()
+        residual = self.embed(input_ids)
         layer_states = [None] * len(self.layers) if state is None else state.layers
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and state is None
         for block, layer_state in zip(self.layers, layer_states, strict=True):
@@ -147,12 +153,21 @@ class CausalLM(nn.Module):
                 residual = checkpoint(block, residual, None, attention_mask, cu_seqlens, use_reentrant=False)
             else:
                 residual = block(residual, layer_state, attention_mask, cu_seqlens)
-        hidden = self.norm_f(residual).to(self.lm_head.weight.dtype)
-        logits = self.lm_head(hidden)[..., : self.recipe.vocab_size]
+        logits = self.head(residual)
         if state is not None:
             state.offset += input_ids.shape[1]
         loss = None if labels is None else self.loss(logits, labels, cu_seqlens)
         return LMOutput(logits, loss)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (b, l) -> the residual stream (b, l, d): embeddings, in float32 if residual_in_fp32."""
+        residual = self.embedding(input_ids)
+        return residual.float() if self.recipe.residual_in_fp32 else residual
+
+    def head(self, residual: torch.Tensor) -> torch.Tensor:
+        """The residual stream (b, l, d) -> logits (b, l, vocab_size): final norm, then the LM head."""
+        hidden = self.norm_f(residual).to(self.lm_head.weight.dtype)
+        return self.lm_head(hidden)[..., : self.recipe.vocab_size]
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:

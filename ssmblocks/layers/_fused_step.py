@@ -52,3 +52,18 @@ def fused_step_kernels(
     ):
         return cpu_ops()
     return None
+
+
+def block_norm_args(block_norm: RMSNorm | None) -> tuple:
+    """The C++ step's last two arguments: the block norm's weight and eps, or none."""
+    return (None, 0.0) if block_norm is None else (block_norm.weight, block_norm.eps)
+
+
+class FusedStep:
+    """Mixin of the mixers with a one-call decode step: ``fused_step`` runs the step that ``fused_call``
+    (each mixer's own) checks and binds."""
+
+    def fused_step(self, x: torch.Tensor, state: SSMState, block_norm: RMSNorm | None = None) -> torch.Tensor | None:
+        """``fused_call(x, state, block_norm)(x)``, or None where it may not run (the state then unchanged)."""
+        call = self.fused_call(x, state, block_norm)
+        return None if call is None else call(x)

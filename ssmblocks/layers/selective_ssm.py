@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from ..errors import check_positive
 from ..ops.selective_scan import selective_scan, selective_scan_step
 from ..state import SSMState
 from ._entry import SequenceLayer
-from ._fused_step import fused_step_kernels
+from ._fused_step import FusedStep, block_norm_args, fused_step_kernels
 from ._init import KeepFloat32, at_least_float32, dt_bias_init
 from ._local import local
 from .conv import CausalConv1d
@@ -20,7 +21,7 @@ from .linear import Linear
 from .norm import RMSNorm
 
 
-class SelectiveSSM(KeepFloat32, SequenceLayer):
+class SelectiveSSM(KeepFloat32, FusedStep, SequenceLayer):
     """Mamba1 mixer: in_proj -> [x | z]; x -> causal conv + silu -> x_proj -> [dt | B | C];
     dt -> dt_proj -> softplus; selective scan; y * silu(z) -> out_proj.
 
@@ -125,10 +126,12 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
                 state.ssm.copy_(final)
         return self.out_proj(y)
 
-    def fused_step(self, x: torch.Tensor, state: SSMState, block_norm: RMSNorm | None = None) -> torch.Tensor | None:
-        """Decode's step, x (b, 1, d) -> (b, 1, d), in one C++ call: the same computation as ``forward`` with
-        a state, or with ``block_norm`` that of a pre-norm residual block, x + forward(block_norm(x)). None
-        where it may not run (see fused_step_kernels); the state is then unchanged."""
+    def fused_call(
+        self, x: torch.Tensor, state: SSMState, block_norm: RMSNorm | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Decode's step as one C++ call, x (b, 1, d) -> (b, 1, d): the same computation as ``forward`` with
+        ``state``, or with ``block_norm`` that of a pre-norm residual block, x + forward(block_norm(x)). Checked
+        for inputs like x (see fused_step_kernels); None where it may not run."""
         conv, in_proj, x_proj, dt_proj, out_proj = self.conv1d, self.in_proj, self.x_proj, self.dt_proj, self.out_proj
         params = (
             in_proj.weight, in_proj.bias, conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias,
@@ -137,8 +140,8 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
         inner = ((in_proj, Linear), (conv, CausalConv1d), (x_proj, Linear), (dt_proj, Linear), (out_proj, Linear))
         if (ops := fused_step_kernels(self, x, state, params, inner, block_norm)) is None:
             return None
-        norm = () if block_norm is None else (block_norm.weight, block_norm.eps)
-        return ops.selective_ssm_step(x, state.conv, state.ssm, *params, *(norm or (None, 0.0)))
+        args = (state.conv, state.ssm, *params, *block_norm_args(block_norm))
+        return lambda x: ops.selective_ssm_step(x, *args)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}"

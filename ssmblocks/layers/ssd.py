@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from ..errors import check_positive
 from ..ops.ssd import ssd_chunked, ssd_step
 from ..state import SSMState
 from ._entry import SequenceLayer
-from ._fused_step import fused_step_kernels
+from ._fused_step import FusedStep, block_norm_args, fused_step_kernels
 from ._init import KeepFloat32, at_least_float32, dt_bias_init
 from ._local import local
 from .conv import CausalConv1d
@@ -22,7 +23,7 @@ from .norm import GatedRMSNorm, RMSNorm
 TORCH_CHUNK_SIZE = 64  # chunk of the torch SSD path: 64 ran 3.5x faster than 256 on a 2-core CPU
 
 
-class SSD(KeepFloat32, SequenceLayer):
+class SSD(KeepFloat32, FusedStep, SequenceLayer):
     """Mamba2 mixer: in_proj -> [z | x | B | C | dt]; causal conv + silu over [x | B | C];
     SSD scan with one decay per head; gated RMS norm with z (per group); out_proj.
 
@@ -153,10 +154,12 @@ class SSD(KeepFloat32, SequenceLayer):
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y)
 
-    def fused_step(self, x: torch.Tensor, state: SSMState, block_norm: RMSNorm | None = None) -> torch.Tensor | None:
-        """Decode's step, x (b, 1, d) -> (b, 1, d), in one C++ call: the same computation as ``forward`` with
-        a state, or with ``block_norm`` that of a pre-norm residual block, x + forward(block_norm(x)). None
-        where it may not run (see fused_step_kernels); the state is then unchanged."""
+    def fused_call(
+        self, x: torch.Tensor, state: SSMState, block_norm: RMSNorm | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Decode's step as one C++ call, x (b, 1, d) -> (b, 1, d): the same computation as ``forward`` with
+        ``state``, or with ``block_norm`` that of a pre-norm residual block, x + forward(block_norm(x)). Checked
+        for inputs like x (see fused_step_kernels); None where it may not run."""
         conv, gated, in_proj, out_proj = self.conv1d, self.norm, self.in_proj, self.out_proj
         params = (
             in_proj.weight, in_proj.bias, conv.weight, conv.bias, self.dt_bias, self.A_log, self.D, gated.weight,
@@ -165,11 +168,11 @@ class SSD(KeepFloat32, SequenceLayer):
         inner = ((in_proj, Linear), (conv, CausalConv1d), (gated, GatedRMSNorm), (out_proj, Linear))
         if (ops := fused_step_kernels(self, x, state, params, inner, block_norm)) is None:
             return None
-        norm = () if block_norm is None else (block_norm.weight, block_norm.eps)
-        return ops.ssd_mixer_step(
-            x, state.conv, state.ssm, *params[:7], *self.dt_limit, gated.weight, gated.eps, gated.group_size,
-            gated.norm_before_gate, *params[-2:], *(norm or (None, 0.0)),
+        args = (
+            state.conv, state.ssm, *params[:7], *self.dt_limit, gated.weight, gated.eps, gated.group_size,
+            gated.norm_before_gate, *params[-2:], *block_norm_args(block_norm),
         )  # fmt: skip
+        return lambda x: ops.ssd_mixer_step(x, *args)
 
     def extra_repr(self) -> str:
         return (
