@@ -75,7 +75,6 @@ class Block(nn.Module):
             residual = residual + self.mlp(self.norm2(residual).to(dtype)).to(residual.dtype)
         return residual
 
-
     def fused_call(self, residual: torch.Tensor, state) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The block's decode step as one C++ call, residual (b, 1, d) -> (b, 1, d), checked for inputs like
         ``residual``: for an SSM mixer without MLP where the mixer's ``fused_call`` can run; else None."""

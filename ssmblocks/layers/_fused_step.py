@@ -37,12 +37,11 @@ def fused_step_kernels(
     CPU without autograd or tracing.
     """
     if block_norm is not None:
-        name = type(layer).__name__
-        check_hidden(x, layer.width, name)
-        check_state(state, layer.state_type, x, name, layer.state_layout())
         tensors, modules = (*tensors, block_norm.weight), (*modules, (block_norm, RMSNorm))
+        if not isinstance(state, layer.state_type):
+            return None  # forward names the mismatch
     present = [x, state.conv, state.ssm, *(t for t in tensors if t is not None)]
-    if (
+    if not (
         x.dtype in _FLOATS
         and all(type(t) in _PLAIN and t.dtype == x.dtype for t in present)
         and state.conv.is_contiguous()
@@ -50,8 +49,12 @@ def fused_step_kernels(
         and all(type(m) is cls and not (m._forward_hooks or m._forward_pre_hooks) for m, cls in modules)
         and cpu_kernels_may_run(*present)
     ):
-        return cpu_ops()
-    return None
+        return None
+    if block_norm is not None:
+        name = type(layer).__name__
+        check_hidden(x, layer.width, name)
+        check_state(state, layer.state_type, x, name, layer.state_layout())
+    return cpu_ops()
 
 
 def block_norm_args(block_norm: RMSNorm | None) -> tuple:
