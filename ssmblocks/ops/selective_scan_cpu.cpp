@@ -39,6 +39,18 @@ struct Simd {
 
 constexpr double kLog2e = 1.4426950408889634;  // log2(e)
 
+// memcpy of `bytes` bytes, a constant-size copy (one or a few vector moves) when bytes == Full, the common case
+// of the kernels' loops; the runtime-size copy of a partial tail is a library call.
+template <int64_t Full>
+SSM_INLINE void copy_bytes(void* dst, const void* src, int64_t bytes) {
+  if (bytes == Full) {
+    std::memcpy(dst, src, Full);
+  } else {
+    std::memcpy(dst, src, bytes);
+  }
+}
+
+
 // Channels per group, the unit of work: 128 bytes, contiguous in x, dt, z and y.
 template <typename T>
 constexpr int64_t kGroup = 128 / sizeof(T);
@@ -85,8 +97,8 @@ struct Scan {
 // w values from src into a group's vectors, then zeros.
 template <typename T>
 SSM_INLINE void load_group(void* dst, const T* src, int64_t w) {
-  std::memcpy(dst, src, w * sizeof(T));
-  std::memset(static_cast<T*>(dst) + w, 0, (kGroup<T> - w) * sizeof(T));
+  copy_bytes<128>(dst, src, w * sizeof(T));
+  if (w < kGroup<T>) std::memset(static_cast<T*>(dst) + w, 0, (kGroup<T> - w) * sizeof(T));
 }
 
 // The whole sequence of batch element b for the channel groups g0 .. g1 (the last may be partial: its
@@ -137,7 +149,7 @@ SSM_INLINE void scan(const Scan<T>& s, int64_t b, int64_t g0, int64_t g1) {
         load_group(z, s.z + b * s.sz[0] + t * s.sz[1] + e0, w);
         for (int64_t v = 0; v < nv; ++v) acc[v] *= z[v] / (T(1) + exp2v<Bytes>(z[v] * T(-kLog2e)));
       }
-      std::memcpy(s.y + (b * s.l + t) * s.e + e0, acc, w * sizeof(T));
+      copy_bytes<128>(s.y + (b * s.l + t) * s.e + e0, acc, w * sizeof(T));
     }
   }
   for (int64_t g = g0; g < g1; ++g) {
@@ -320,13 +332,13 @@ SSM_INLINE void conv_channels(const Conv<T>& p, int64_t b, int64_t c0, int64_t c
       V* u = buffer + v * (H + K + 1);
       const int64_t ch = c0 + v * L, m = std::min(L, c1 - ch);
       V xt{}, out = u[H + K];
-      std::memcpy(&xt, x + ch, m * sizeof(T));
+      copy_bytes<Bytes>(&xt, x + ch, m * sizeof(T));
       for (int j = 0; j + 1 < K; ++j) out += u[H + j] * u[j];
       out += u[H + K - 1] * xt;
       for (int j = 0; j + 2 < K; ++j) u[j] = u[j + 1];
       if constexpr (K > 1) u[K - 2] = xt;
       if (p.silu) out = out / (T(1) + exp2v<Bytes>(out * T(-kLog2e)));
-      std::memcpy(y + ch, &out, m * sizeof(T));
+      copy_bytes<Bytes>(y + ch, &out, m * sizeof(T));
     }
   }
   for (int64_t v = 0; p.state && v < nv; ++v) {
@@ -349,6 +361,121 @@ struct ConvStep {
   int64_t c, k, sx;
   bool silu;
 };
+
+// SSD (Mamba2) over a sequence, time step after time step: x, y (b, l, h, p) with unit last stride (x's
+// other strides sx); dt (b, l, h) at strides sdt; A (h,); B, C (b, l, g, n) at strides sB, sC (unit last);
+// D (h,) or (h p,), may be null; h0, hT (b, h, p, n) contiguous, h0 may be null.
+template <typename T>
+struct SsdScan {
+  using Type = T;
+  const T *x, *dt, *A, *B, *C, *D, *h0;
+  T *y, *hT;
+  int64_t l, heads, p, n, g, sx[3], sdt[2], sB[3], sC[3];
+  bool D_per_channel;
+};
+
+// Columns (of p) per unit of work: 64 bytes times kSsdVectors, i.e. 64 float32 with AVX-512.
+constexpr int64_t kSsdBytes = 256;
+
+// The smallest scale of the scaled SSD state (see ssd_scan_block) before it is folded into the state.
+constexpr double kSsdRescale = 1.0 / 4096;
+
+// Tokens t .. t + K - 1 (K = 1 or 2) of one (head, column block) of SSD, in one pass over its scaled state g
+// (n NV vectors; h = scale g): for each token, g[j] += B_j u, y = scale_token sum_j C_j g[j] + D x, with
+// u = dt x / scale_token. Two tokens share each load and store of g, the pass's bottleneck.
+template <typename T, int Bytes, int K>
+SSM_INLINE void ssd_tokens(const SsdScan<T>& s, typename Simd<T, Bytes>::V* g, const typename Simd<T, Bytes>::V* Dv,
+                           int64_t b, int64_t hd, int64_t c0, int64_t t, const T* scales) {
+  using V = typename Simd<T, Bytes>::V;
+  constexpr int64_t L = Bytes / sizeof(T), NV = kSsdBytes / Bytes, W = NV * L;
+  const int64_t n = s.n, w = std::min(W, s.p - c0), grp = hd / (s.heads / s.g);
+  V x[K][NV], u[K][NV], acc[K][NV];
+  const T *Bt[K], *Ct[K];
+  for (int k = 0; k < K; ++k) {
+    const T dt = s.dt[b * s.sdt[0] + (t + k) * s.sdt[1] + hd];
+    Bt[k] = s.B + b * s.sB[0] + (t + k) * s.sB[1] + grp * s.sB[2];
+    Ct[k] = s.C + b * s.sC[0] + (t + k) * s.sC[1] + grp * s.sC[2];
+    if (w < W) std::memset(x[k], 0, sizeof(x[k]));
+    copy_bytes<kSsdBytes>(x[k], s.x + b * s.sx[0] + (t + k) * s.sx[1] + hd * s.sx[2] + c0, w * sizeof(T));
+    for (int64_t v = 0; v < NV; ++v) {
+      u[k][v] = (dt / scales[k]) * x[k][v];
+      acc[k][v] = V{};
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    V* gj = g + j * NV;
+    for (int64_t v = 0; v < NV; ++v) {
+      V gv = gj[v];
+      for (int k = 0; k < K; ++k) {
+        gv += u[k][v] * Bt[k][j];
+        acc[k][v] += gv * Ct[k][j];
+      }
+      gj[v] = gv;
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    for (int64_t v = 0; v < NV; ++v) acc[k][v] = acc[k][v] * scales[k] + Dv[v] * x[k][v];
+    copy_bytes<kSsdBytes>(s.y + ((b * s.l + t + k) * s.heads + hd) * s.p + c0, acc[k], w * sizeof(T));
+  }
+}
+
+// The whole sequence of one (head hd, block of p columns from c0) of batch element b. The state block is kept
+// transposed, (n, columns), in a local buffer, and scaled: h = scale g, scale the product of the decays since
+// the last renormalisation. A step is then two multiply-adds per vector of columns, no sums across lanes:
+//     scale <- exp(dt A) scale,   g[j] += B_j (dt x / scale),   y = scale sum_j C_j g[j] + D x.
+// When scale would drop below kSsdRescale, g takes it in (g <- scale g, a pass over the block) and restarts at 1,
+// so that 1 / scale stays small. Tokens go two to a pass over the state, one where the second token's own decay
+// is below kSsdRescale.
+template <typename T, int Bytes>
+SSM_INLINE void ssd_scan_block(const SsdScan<T>& s, int64_t b, int64_t hd, int64_t c0) {
+  using V = typename Simd<T, Bytes>::V;
+  constexpr int64_t L = Bytes / sizeof(T), NV = kSsdBytes / Bytes, W = NV * L;  // columns per block
+  const int64_t n = s.n, w = std::min(W, s.p - c0);
+  std::vector<T> buffer((n * NV + 1) * L, T(0));  // + one vector to align
+  V* g = reinterpret_cast<V*>((reinterpret_cast<uintptr_t>(buffer.data()) + Bytes - 1) & -uintptr_t(Bytes));
+  const int64_t state0 = (b * s.heads + hd) * s.p * n;
+  if (s.h0) {
+    for (int64_t i = 0; i < w; ++i) {
+      for (int64_t j = 0; j < n; ++j) reinterpret_cast<T*>(g + j * NV)[i] = s.h0[state0 + (c0 + i) * n + j];
+    }
+  }
+  V Dv[NV] = {};
+  if (s.D) {
+    for (int64_t i = 0; i < w; ++i) Dv[i / L][i % L] = s.D[s.D_per_channel ? hd * s.p + c0 + i : hd];
+  }
+  const T A = s.A[hd], rescale = T(kSsdRescale);
+  const auto decay = [&](int64_t t) { return std::exp(s.dt[b * s.sdt[0] + t * s.sdt[1] + hd] * A); };
+  const auto fold = [&](T factor) {  // h = factor g becomes g, the scale 1
+    for (int64_t i = 0; i < n * NV; ++i) g[i] *= factor;
+  };
+  T scale = 1;
+  for (int64_t t = 0; t < s.l;) {
+    const T d1 = decay(t), d2 = t + 1 < s.l ? decay(t + 1) : T(0);
+    T scales[2] = {scale * d1, 0};
+    if (d2 >= rescale) {
+      if (scales[0] * d2 < rescale) {
+        fold(scales[0]);
+        scales[0] = 1;
+      }
+      scales[1] = scales[0] * d2;
+      ssd_tokens<T, Bytes, 2>(s, g, Dv, b, hd, c0, t, scales);
+      scale = scales[1];
+      t += 2;
+    } else {
+      if (scales[0] < rescale) {
+        fold(scales[0]);
+        scales[0] = 1;
+      }
+      ssd_tokens<T, Bytes, 1>(s, g, Dv, b, hd, c0, t, scales);
+      scale = scales[0];
+      t += 1;
+    }
+  }
+  fold(scale);
+  for (int64_t i = 0; i < w; ++i) {
+    for (int64_t j = 0; j < n; ++j) s.hT[state0 + (c0 + i) * n + j] = reinterpret_cast<const T*>(g + j * NV)[i];
+  }
+}
 
 // One token of SSD (Mamba2) from the rows of the conv's output: x (b, h p) at row stride sx, B and C (b, g n)
 // at the same row stride; dt_raw (b, h) at row stride sdt, before the bias and softplus; A_log (h,); D (h,)
@@ -399,15 +526,15 @@ SSM_INLINE void ssd_step_heads(const SsdStep<T>& s, int64_t b, int64_t h0, int64
   }
 }
 
-// The gated RMS norm of one token's rows, in place: y (b, d) contiguous, z (b, d) at row stride sz, w (d,).
-// Per group of `group` channels: norm_before_gate ? norm(y) w silu(z) : norm(y silu(z)) w; without z (null),
-// the plain RMS norm norm(y) w.
+// The (gated) RMS norm of rows: x (rows, d) at row stride sx, z (rows, d) at row stride sz or null, w (d,);
+// y (rows, d) contiguous, which may be x. Per group of `group` channels: norm_before_gate ? norm(x) w silu(z) :
+// norm(x silu(z)) w; without z, norm(x) w.
 template <typename T>
 struct GatedNorm {
   using Type = T;
-  const T *z, *w;
+  const T *x, *z, *w;
   T* y;
-  int64_t d, group, sz;
+  int64_t d, group, sx, sz;
   T eps;
   bool norm_before_gate;
 };
@@ -416,11 +543,18 @@ struct GatedNorm {
 template <typename T, int Bytes>
 SSM_INLINE typename Simd<T, Bytes>::V load_lanes(const T* src, int64_t m) {
   typename Simd<T, Bytes>::V v{};
-  std::memcpy(&v, src, m * sizeof(T));
+  copy_bytes<Bytes>(&v, src, m * sizeof(T));
   return v;
 }
 
-// Groups g0 .. g1 of row b: one pass for the gate and the sum of squares, one for the scaling.
+// The first m <= lanes values of v to dst.
+template <typename T, int Bytes>
+SSM_INLINE void store_lanes(T* dst, typename Simd<T, Bytes>::V v, int64_t m) {
+  copy_bytes<Bytes>(dst, &v, m * sizeof(T));
+}
+
+// Groups g0 .. g1 of row b: one pass for the gate and the sum of squares (writing x, gated, to y), one for the
+// scaling.
 template <typename T, int Bytes>
 SSM_INLINE void gated_norm_groups(const GatedNorm<T>& p, int64_t b, int64_t g0, int64_t g1) {
   using V = typename Simd<T, Bytes>::V;
@@ -428,15 +562,14 @@ SSM_INLINE void gated_norm_groups(const GatedNorm<T>& p, int64_t b, int64_t g0, 
   const auto silu = [](V v) { return v / (T(1) + exp2v<Bytes>(v * T(-kLog2e))); };
   for (int64_t g = g0; g < g1; ++g) {
     T* y = p.y + b * p.d + g * p.group;
-    const T *z = p.z ? p.z + b * p.sz + g * p.group : nullptr, *w = p.w + g * p.group;
+    const T *x = p.x + b * p.sx + g * p.group, *w = p.w + g * p.group;
+    const T* z = p.z ? p.z + b * p.sz + g * p.group : nullptr;
     V squares{};
     for (int64_t c = 0; c < p.group; c += L) {
       const int64_t m = std::min(L, p.group - c);
-      V v = load_lanes<T, Bytes>(y + c, m);
-      if (z && !p.norm_before_gate) {
-        v *= silu(load_lanes<T, Bytes>(z + c, m));
-        std::memcpy(y + c, &v, m * sizeof(T));
-      }
+      V v = load_lanes<T, Bytes>(x + c, m);
+      if (z && !p.norm_before_gate) v *= silu(load_lanes<T, Bytes>(z + c, m));
+      store_lanes<T, Bytes>(y + c, v, m);
       squares += v * v;
     }
     const T scale = T(1) / std::sqrt(lane_sum<T, Bytes>(squares) / T(p.group) + p.eps);
@@ -444,7 +577,7 @@ SSM_INLINE void gated_norm_groups(const GatedNorm<T>& p, int64_t b, int64_t g0, 
       const int64_t m = std::min(L, p.group - c);
       V v = load_lanes<T, Bytes>(y + c, m) * scale * load_lanes<T, Bytes>(w + c, m);
       if (z && p.norm_before_gate) v *= silu(load_lanes<T, Bytes>(z + c, m));
-      std::memcpy(y + c, &v, m * sizeof(T));
+      store_lanes<T, Bytes>(y + c, v, m);
     }
   }
 }
@@ -527,6 +660,13 @@ SSM_INLINE void run(const ConvStep<T>& p, int64_t b, int64_t c0, int64_t c1) {
     v = v / (T(1) + exp2v<Bytes>(v * T(-kLog2e)));
     std::memcpy(p.y + b * p.c + c, &v, m * sizeof(T));
   }
+}
+
+// Units: (head, block of kSsdBytes of columns) pairs of batch element b.
+template <typename T, int Bytes>
+SSM_INLINE void run(const SsdScan<T>& s, int64_t b, int64_t u0, int64_t u1) {
+  const int64_t blocks = (s.p * int64_t(sizeof(T)) + kSsdBytes - 1) / kSsdBytes;
+  for (int64_t u = u0; u < u1; ++u) ssd_scan_block<T, Bytes>(s, b, u / blocks, u % blocks * (kSsdBytes / sizeof(T)));
 }
 
 // Units: heads of batch element b.
@@ -665,6 +805,43 @@ at::Tensor selective_scan_step(const at::Tensor& x, const at::Tensor& dt, const 
   return scan_step(x, dt, A, B, C, state, D, z, false);
 }
 
+// x: (b, l, h, p); dt: (b, l, h) (after softplus, bias and clamping); A: (h,); B, C: (b, l, g, n); D: (h,) or
+// (h, p) or None; initial_state: (b, h, p, n) or None; one dtype, float32 or float64, on the CPU. Returns y:
+// (b, l, h, p) = the scan's output + D x, and the final state (b, h, p, n).
+std::tuple<at::Tensor, at::Tensor> ssd_scan(const at::Tensor& x_, const at::Tensor& dt_, const at::Tensor& A,
+                                            const at::Tensor& B_, const at::Tensor& C_,
+                                            const std::optional<at::Tensor>& D_,
+                                            const std::optional<at::Tensor>& h0_) {
+  TORCH_CHECK(x_.dim() == 4 && B_.dim() == 4, "ssd_scan: x must be (b, l, h, p) and B (b, l, g, n)");
+  const int64_t b = x_.size(0), l = x_.size(1), h = x_.size(2), p = x_.size(3), g = B_.size(2), n = B_.size(3);
+  TORCH_CHECK(g >= 1 && h % g == 0, "ssd_scan: ", g, " groups do not divide ", h, " heads");
+  const auto check = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+    check_arg("ssd_scan", t, shape, name, x_);
+  };
+  check(dt_, {b, l, h}, "dt");
+  check(A, {h}, "A");
+  check(B_, {b, l, g, n}, "B");
+  check(C_, {b, l, g, n}, "C");
+  if (D_) TORCH_CHECK(D_->numel() == h || D_->numel() == h * p, "ssd_scan: D must be (h,) or (h, p), got ", D_->sizes());
+  if (D_) check(*D_, D_->sizes(), "D");
+  if (h0_) check(*h0_, {b, h, p, n}, "initial_state");
+  const at::Tensor x = unit_last_stride(x_), dt = unit_last_stride(dt_), B = unit_last_stride(B_);
+  const at::Tensor C = unit_last_stride(C_), Ac = A.contiguous(), D = D_ ? D_->contiguous() : at::Tensor(), h0 = h0_ ? h0_->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({b, l, h, p}, x.options()), hT = at::empty({b, h, p, n}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_scan", [&] {
+    using T = scalar_t;
+    const SsdScan<T> s{x.const_data_ptr<T>(), dt.const_data_ptr<T>(), Ac.const_data_ptr<T>(), B.const_data_ptr<T>(),
+                       C.const_data_ptr<T>(), D_ ? D.const_data_ptr<T>() : nullptr,
+                       h0_ ? h0.const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>(), hT.mutable_data_ptr<T>(),
+                       l, h, p, n, g, {x.stride(0), x.stride(1), x.stride(2)}, {dt.stride(0), dt.stride(1)},
+                       {B.stride(0), B.stride(1), B.stride(2)}, {C.stride(0), C.stride(1), C.stride(2)},
+                       D_ && D.numel() == h * p};
+    const int64_t blocks = (p * int64_t(sizeof(T)) + kSsdBytes - 1) / kSsdBytes;
+    parallel_run(s, b, h * blocks, 1);
+  });
+  return {y, hT};
+}
+
 // x: (b, l, c) with unit channel stride; weight: (c, k), k <= 4; bias: (c,) or None; state: (b, c, k - 1),
 // contiguous, updated in place, or None (zeros); one dtype, float32 or float64, on the CPU. Returns y:
 // (b, l, c), silu applied if asked.
@@ -743,19 +920,32 @@ at::Tensor small_batch_linear(const at::Tensor& x_, const at::Tensor& weight_, c
 }
 
 
+// The (gated) RMS norm of rows: x (rows, d) and z (rows, d) or None, each with unit last stride; weight (d,);
+// norm groups of group_size channels; one dtype, float32 or float64, on the CPU. Returns y (rows, d):
+// norm_before_gate ? norm(x) w silu(z) : norm(x silu(z)) w, or norm(x) w without z.
+at::Tensor rms_norm(const at::Tensor& x_, const std::optional<at::Tensor>& z_, const at::Tensor& weight, double eps,
+                    int64_t group_size, bool norm_before_gate) {
+  TORCH_CHECK(x_.dim() == 2, "rms_norm: x must be (rows, d), got ", x_.sizes());
+  const int64_t rows = x_.size(0), d = x_.size(1);
+  TORCH_CHECK(group_size >= 1 && d % group_size == 0, "rms_norm: group_size ", group_size, " does not divide ", d);
+  check_arg("rms_norm", weight, {d}, "weight", x_);
+  if (z_) check_arg("rms_norm", *z_, {rows, d}, "z", x_);
+  const at::Tensor x = unit_last_stride(x_), z = z_ ? unit_last_stride(*z_) : at::Tensor(), w = weight.contiguous();
+  at::Tensor y = at::empty({rows, d}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rms_norm", [&] {
+    using T = scalar_t;
+    const GatedNorm<T> p{x.const_data_ptr<T>(), z_ ? z.const_data_ptr<T>() : nullptr, w.const_data_ptr<T>(),
+                         y.mutable_data_ptr<T>(), d, group_size, x.stride(0), z_ ? z.stride(0) : 0, T(eps),
+                         norm_before_gate};
+    parallel_run(p, rows, d / group_size, std::max<int64_t>(1, 4096 / group_size));  // >= 4k values a thread
+  });
+  return y;
+}
+
 // The input of a mixer inside a pre-norm residual block: x (b, d) normalised by RMS with weight (d,), or x
 // itself without a weight.
 at::Tensor pre_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps) {
-  if (!weight) return x;
-  const int64_t b = x.size(0), d = x.size(1);
-  check_arg("pre_norm", *weight, {d}, "norm weight", x);
-  at::Tensor y = x.contiguous().clone(), w = weight->contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pre_norm", [&] {
-    using T = scalar_t;
-    const GatedNorm<T> norm{nullptr, w.const_data_ptr<T>(), y.mutable_data_ptr<T>(), d, d, 0, T(eps), false};
-    parallel_run(norm, b, 1, 1);
-  });
-  return y;
+  return weight ? rms_norm(x, std::nullopt, *weight, eps, x.size(1), false) : x;
 }
 
 // The mixer's output, plus the block's input x (b, d) when the call runs a whole pre-norm residual block.
@@ -855,8 +1045,8 @@ at::Tensor ssd_mixer_step(const at::Tensor& x_, at::Tensor& conv_state, at::Tens
                        ssm_state.mutable_data_ptr<T>(), y.mutable_data_ptr<T>(), h, p, n, g, c, e + c + h,
                        T(dt_min), T(dt_max), D_ && D.numel() == e};
     parallel_run(s, b, h, std::max<int64_t>(1, 8192 / (p * n)));  // >= 8k state values a thread
-    const GatedNorm<T> norm{zxbcdt.const_data_ptr<T>(), w.const_data_ptr<T>(), y.mutable_data_ptr<T>(), e,
-                            group_size, e + c + h, T(eps), norm_before_gate};
+    const GatedNorm<T> norm{y.const_data_ptr<T>(), zxbcdt.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                            y.mutable_data_ptr<T>(), e, group_size, e, e + c + h, T(eps), norm_before_gate};
     parallel_run(norm, b, e / group_size, std::max<int64_t>(1, 4096 / group_size));
   });
   return finish_block(project(y, out_proj_weight, out_proj_bias), x, block_norm_weight.has_value());
@@ -871,7 +1061,11 @@ TORCH_LIBRARY(ssmblocks_cpu, m) {
   m.def(
       "selective_scan_step(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor(a!) state, Tensor? D, "
       "Tensor? z) -> Tensor");
+  m.def(
+      "ssd_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? initial_state) -> (Tensor, "
+      "Tensor)");
   m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor? z, Tensor weight, float eps, int group_size, bool norm_before_gate) -> Tensor");
   m.def("causal_conv1d(Tensor x, Tensor weight, Tensor? bias, Tensor(a!)? state, bool silu) -> Tensor");
   m.def("causal_conv1d_step(Tensor x, Tensor(a!) state, Tensor weight, Tensor? bias, bool silu) -> Tensor");
   m.def(
@@ -889,7 +1083,9 @@ TORCH_LIBRARY(ssmblocks_cpu, m) {
 TORCH_LIBRARY_IMPL(ssmblocks_cpu, CPU, m) {
   m.impl("selective_scan", &selective_scan);
   m.impl("selective_scan_step", &selective_scan_step);
+  m.impl("ssd_scan", &ssd_scan);
   m.impl("small_batch_linear", &small_batch_linear);
+  m.impl("rms_norm", &rms_norm);
   m.impl("causal_conv1d", &causal_conv1d);
   m.impl("causal_conv1d_step", &causal_conv1d_step);
   m.impl("selective_ssm_step", &selective_ssm_step);

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernel import cpu_kernels_may_run, cpu_ops
+
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -74,9 +76,16 @@ def ssd_chunked(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: 
     Per chunk of c steps: (1) outputs from inputs of the same chunk through the masked decay matrix,
     (2) each chunk's end state from its own inputs, (3) chunk start states by passing the state from
     chunk to chunk, (4) outputs from the chunk start state (3 and 4 in one loop over chunks). The tail is
-    zero-padded with dt = 0, which leaves the final state unchanged. Returns (y, final_state).
+    zero-padded with dt = 0, which leaves the final state unchanged. Without autograd on the CPU the C++
+    ``ssd_scan`` (selective_scan_cpu.cpp: the recurrence one time step after another, each head's state in the
+    caches) replaces it when it builds. Returns (y, final_state).
     """
     wd = _work_dtype(x)
+    inputs = (x, dt, A, B, C, D, initial_state)
+    if cpu_kernels_may_run(*inputs, z) and (ops := cpu_ops()) is not None:
+        y, state = ops.ssd_scan(*(None if t is None else t.to(wd) for t in inputs))
+        y = y if z is None else y * F.silu(z.to(wd))
+        return y.to(x.dtype), state
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g

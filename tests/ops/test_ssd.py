@@ -7,6 +7,7 @@ D: (h,) or (h, p); initial_state: (b, h, p, n).
 from __future__ import annotations
 
 import functools
+import importlib
 
 import pytest
 import torch
@@ -38,6 +39,13 @@ FEATURES = {
     "D_hp_z_h0": ("D_hp", "z", "h0"),
 }
 DIFFERENTIABLE = ("x", "dt", "A", "B", "C", "D", "z", "initial_state")
+
+
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch):
+    """These tests hold the torch paths; the C++ kernel that replaces ssd_chunked without autograd on the CPU is
+    tested in test_ssd_cpu_kernel.py."""
+    monkeypatch.setattr(importlib.import_module("ssmblocks.ops.ssd"), "cpu_ops", lambda: None)
 
 
 def ssd_inputs(
