@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (``selective_scan_cpu.cpp``), compiled on first use with torch.utils.cpp_extension.
+"""The C++ CPU kernels (``cpu_kernels.cpp``), compiled on first use with torch.utils.cpp_extension.
 
 Building needs a C++ compiler and ninja (a dependency: the pip package) and takes seconds, once: the library
 lands in torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``),
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("selective_scan_cpu.cpp")
+_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 
 
 @functools.cache

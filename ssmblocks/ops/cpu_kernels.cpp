@@ -1,12 +1,17 @@
-// Fused CPU selective scan (Mamba1), without autograd: the recurrence of ssmblocks/ops/selective_scan.py,
+// The C++ CPU kernels, without autograd, registered as torch.ops.ssmblocks_cpu.* and built and loaded on first
+// use by ssmblocks/ops/cpu_kernel.py. Each replaces a torch path of ssmblocks/ops (or of a layer) that stays
+// beside it as the reference:
 //
-//     h_t = exp(dt_t * A) * h_{t-1} + (dt_t * x_t) B_t,   y_t = (h_t C_t + D * x_t) * silu(z_t),
+//   selective_scan, selective_scan_step   Mamba1's recurrence over a sequence (time outermost, each thread's
+//                                         channel groups' states in a local buffer) and for one token
+//   ssd_scan                              SSD's recurrence over a sequence, one head's state block at a time
+//   causal_conv1d, causal_conv1d_step     the depthwise causal conv (+ silu) over a sequence and one token
+//   small_batch_linear                    decode's matrix products at 1..16 rows (MKL is slow at 2..16)
+//   rms_norm                              the (gated) RMS norm
+//   selective_ssm_step, ssd_mixer_step    decode's whole mixer step (optionally its pre-norm residual block)
+//                                         in one call, from the pieces above
 //
-// over a sequence (selective_scan: one pass over time, each thread over its own channels, their states in a
-// local buffer) and for one token (selective_scan_step: the state (b, e, n) updated in place). Registered as
-// torch.ops.ssmblocks_cpu.*; built and loaded on first use by ssmblocks/ops/cpu_kernel.py. Beside it, two
-// more of decode's ops: the small-batch matrix product that decode at batch 2..16 spends most of its time
-// in (small_batch_linear) and the conv's one-token step (causal_conv1d_step).
+// Each kernel is compiled for AVX-512, AVX2 and the baseline vector unit and picked at run time.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
