@@ -1,8 +1,10 @@
-"""Generation for any CausalLM: greedy or sampled, batched with left padding, streamed, chunked prefill,
-and on CUDA a decode step replayed from a captured CUDA graph."""
+"""Generation for any CausalLM: greedy or sampled, batched with left padding, streamed, chunked prefill;
+on CUDA a decode step replayed from a captured CUDA graph, on the CPU one whose SSM blocks run as one C++ call
+each, bound once."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -111,16 +113,20 @@ def prefill(
 
 
 def _fused_cpu_step(model, state: ModelState, b: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A decode step (token (b,) -> logits (b, vocab)) whose blocks each run as one C++ call, checked and bound
-    once here rather than at every token (as a CUDA graph is captured once); it advances the state like the
-    model's forward. None unless the model is a CausalLM whose every block can (Block.fused_call: on the CPU,
-    float32 or float64, SSM mixers without MLP, no autograd)."""
+    """A decode step (token (b,) -> logits (b, vocab)) with every block bound once here rather than at every
+    token (as a CUDA graph is captured once): a one-call C++ step where the block has one (Block.fused_call:
+    an SSM mixer, on the CPU, float32 or float64, no autograd), its forward otherwise. It advances the state
+    like the model's forward. None unless the model is a CausalLM with at least one such block."""
     if not isinstance(model, CausalLM):
         return None
     residual = model.embed(torch.zeros(b, 1, dtype=torch.long, device=model.embedding.weight.device))
-    calls = [block.fused_call(residual, s) for block, s in zip(model.layers, state.layers, strict=True)]
-    if any(call is None for call in calls):
+    fused = [block.fused_call(residual, s) for block, s in zip(model.layers, state.layers, strict=True)]
+    if all(call is None for call in fused):
         return None
+    calls = [
+        call or functools.partial(block, state=s)
+        for call, block, s in zip(fused, model.layers, state.layers, strict=True)
+    ]
 
     def step(token: torch.Tensor) -> torch.Tensor:
         residual = model.embed(token[:, None])

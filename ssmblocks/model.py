@@ -70,17 +70,24 @@ class Block(nn.Module):
             return call(residual)
         dtype = self.norm.weight.dtype
         h = self.mixer(self.norm(residual).to(dtype), state=state, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
-        residual = residual + h.to(residual.dtype)
-        if self.mlp is not None:
-            residual = residual + self.mlp(self.norm2(residual).to(dtype)).to(residual.dtype)
-        return residual
+        return self._add_mlp(residual + h.to(residual.dtype))
+
+    def _add_mlp(self, residual: torch.Tensor) -> torch.Tensor:
+        """residual + mlp(norm2(residual)), or residual itself without an MLP."""
+        if self.mlp is None:
+            return residual
+        return residual + self.mlp(self.norm2(residual).to(self.norm.weight.dtype)).to(residual.dtype)
 
     def fused_call(self, residual: torch.Tensor, state) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The block's decode step as one C++ call, residual (b, 1, d) -> (b, 1, d), checked for inputs like
-        ``residual``: for an SSM mixer without MLP where the mixer's ``fused_call`` can run; else None."""
-        if self.mlp is None and isinstance(self.mixer, (SelectiveSSM, SSD)):
-            return self.mixer.fused_call(residual, state, self.norm)
-        return None
+        """The block's decode step, residual (b, 1, d) -> (b, 1, d), with the norm, the mixer and the residual
+        add in one C++ call (then the MLP, if any), checked for inputs like ``residual``: for an SSM mixer whose
+        ``fused_call`` can run; else None."""
+        if not isinstance(self.mixer, (SelectiveSSM, SSD)):
+            return None
+        call = self.mixer.fused_call(residual, state, self.norm)
+        if call is None or self.mlp is None:
+            return call
+        return lambda residual: self._add_mlp(call(residual))
 
 
 class LMOutput(NamedTuple):

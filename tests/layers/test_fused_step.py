@@ -14,6 +14,7 @@ import ssmblocks
 from ssmblocks.generation import generate
 from ssmblocks.layers import SSD, RMSNorm, SelectiveSSM
 from tests.helpers import assert_close, randomise
+from tests.test_model import VOCAB, hybrid
 
 KERNEL_USERS = ["ssmblocks.ops.conv", "ssmblocks.ops.selective_scan", "ssmblocks.ops.linear"]
 KERNEL_USERS += ["ssmblocks.layers._fused_step"]
@@ -140,6 +141,21 @@ def test_model_and_generate_use_it_and_equal_the_torch_path(kernel, monkeypatch)
     assert_close(logits, logits_ref, 1e-12, "logits")
     for i, (s, r) in enumerate(zip(state.layers, state_ref.layers, strict=True)):
         assert_close(s.ssm, r.ssm, 1e-12, f"layer {i} ssm state")
+
+
+def test_hybrid_generate_binds_ssm_blocks_and_runs_the_rest_through_forward(kernel, monkeypatch):
+    """Blocks with an MLP take the one-call step for norm, mixer and residual, then their MLP; attention and
+    parallel blocks run their forward (where an SSD mixer's own step is one call). Tokens equal the torch
+    path's."""
+    model, prompt = hybrid(), torch.randint(0, VOCAB, (2, 7))  # blocks: s m a p m, each with an MLP
+    with monkeypatch.context() as m:
+        called = spy(m, kernel)
+        out = generate(model, prompt, max_new_tokens=5)
+    # 4 decode steps: block s; blocks m in one call; the parallel block's SSD through its forward, one call too
+    assert called.count("selective_ssm_step") == 4 and called.count("ssd_mixer_step") == 3 * 4, called
+    with monkeypatch.context() as m:
+        torch_only(m)
+        assert torch.equal(generate(model, prompt, max_new_tokens=5), out)
 
 
 class _Other(nn.Linear):
