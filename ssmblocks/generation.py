@@ -115,8 +115,9 @@ def prefill(
 def _fused_cpu_step(model, state: ModelState, b: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A decode step (token (b,) -> logits (b, vocab)) with every block bound once here rather than at every
     token (as a CUDA graph is captured once): a one-call C++ step where the block has one (Block.fused_call:
-    an SSM mixer, on the CPU, float32 or float64, no autograd), its forward otherwise. It advances the state
-    like the model's forward. None unless the model is a CausalLM with at least one such block."""
+    an SSM mixer, on the CPU, float32 or float64, no autograd), its forward otherwise; the final norm and LM
+    head one call too where they can be. It advances the state like the model's forward. None unless the
+    model is a CausalLM with at least one such block."""
     if not isinstance(model, CausalLM):
         return None
     residual = model.embed(torch.zeros(b, 1, dtype=torch.long, device=model.embedding.weight.device))
@@ -127,13 +128,14 @@ def _fused_cpu_step(model, state: ModelState, b: int) -> Callable[[torch.Tensor]
         call or functools.partial(block, state=s)
         for call, block, s in zip(fused, model.layers, state.layers, strict=True)
     ]
+    head = model.fused_head_call(residual) or model.head
 
     def step(token: torch.Tensor) -> torch.Tensor:
         residual = model.embed(token[:, None])
         for call in calls:
             residual = call(residual)
         state.offset += 1
-        return model.head(residual)[:, -1]
+        return head(residual)[:, -1]
 
     return step
 

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import ShapeError
 from .layers import SSD, Attention, RMSNorm, SelectiveSSM, SwiGLU
+from .layers._fused_step import one_call_kernels
 from .layers.linear import Linear
 from .precision import warn_if_slow_bf16
 from .recipe import AttentionSpec, ParallelSpec, Recipe, SelectiveSSMSpec, SSDSpec
@@ -174,6 +175,19 @@ class CausalLM(nn.Module):
         """The residual stream (b, l, d) -> logits (b, l, vocab_size): final norm, then the LM head."""
         hidden = self.norm_f(residual).to(self.lm_head.weight.dtype)
         return self.lm_head(hidden)[..., : self.recipe.vocab_size]
+
+    def fused_head_call(self, residual: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``head`` for decode's token, residual (b, 1, d) -> logits (b, 1, vocab_size), as one C++ call (the
+        final norm and the LM head), checked for inputs like ``residual``; None where it may not run."""
+        norm, head = self.norm_f, self.lm_head
+        modules = ((norm, RMSNorm), (head, Linear))
+        if (
+            residual.shape[1] != 1
+            or (ops := one_call_kernels(residual, (norm.weight, head.weight, head.bias), modules)) is None
+        ):
+            return None
+        args, vocab = (norm.weight, norm.eps, head.weight, head.bias), self.recipe.vocab_size
+        return lambda residual: ops.norm_linear(residual, *args)[..., :vocab]
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,6 +18,28 @@ _FLOATS = (torch.float32, torch.float64)
 _PLAIN = (torch.Tensor, nn.Parameter)  # a parameter of a tensor subclass (torchao, DTensor) has the subclass's type
 
 
+def one_call_kernels(
+    x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], modules: tuple[tuple[nn.Module, type], ...]
+):
+    """``torch.ops.ssmblocks_cpu`` when a one-call C++ step may run on input x, else None.
+
+    tensors: the other tensors the call reads or writes (None skipped); modules: the modules whose work the
+    call does, each with the class it must have exactly, the one the model built (a PEFT adapter replaces a
+    module, tensor parallelism may change its class), and no hooks. Also needed: x and every tensor of one
+    dtype, float32 or float64, plain tensors (not quantized or distributed), on the CPU without autograd or
+    tracing.
+    """
+    present = [x, *(t for t in tensors if t is not None)]
+    if (
+        x.dtype in _FLOATS
+        and all(type(t) in _PLAIN and t.dtype == x.dtype for t in present)
+        and all(type(m) is cls and not (m._forward_hooks or m._forward_pre_hooks) for m, cls in modules)
+        and cpu_kernels_may_run(*present)
+    ):
+        return cpu_ops()
+    return None
+
+
 def fused_step_kernels(
     layer: nn.Module,
     x: torch.Tensor,
@@ -28,33 +50,24 @@ def fused_step_kernels(
 ):
     """``torch.ops.ssmblocks_cpu`` when the one-call step of ``layer`` may run, else None.
 
-    x: the input, one token (b, 1, d); tensors: the parameters the call reads (None skipped); modules: the
-    layer's inner modules with the class each must have exactly, the one the layer built (a PEFT adapter
-    replaces a module, tensor parallelism may change its class), and no hooks. block_norm: the norm of the
-    pre-norm residual block around the layer, whose step the call then runs; the layer's forward is bypassed,
-    so its checks of x and the state are made here. Also needed: x, the parameters and both states of one
-    dtype, float32 or float64, all plain tensors (not quantized or distributed), contiguous states, on the
-    CPU without autograd or tracing.
+    x: the input, one token (b, 1, d); tensors, modules: as for one_call_kernels, the layer's parameters and
+    inner modules. block_norm: the norm of the pre-norm residual block around the layer, whose step the call
+    then runs; the layer's forward is bypassed, so its checks of x and the state are made here. The states
+    must be contiguous.
     """
     if block_norm is not None:
         tensors, modules = (*tensors, block_norm.weight), (*modules, (block_norm, RMSNorm))
         if not isinstance(state, layer.state_type):
             return None  # forward names the mismatch
-    present = [x, state.conv, state.ssm, *(t for t in tensors if t is not None)]
-    if not (
-        x.dtype in _FLOATS
-        and all(type(t) in _PLAIN and t.dtype == x.dtype for t in present)
-        and state.conv.is_contiguous()
-        and state.ssm.is_contiguous()
-        and all(type(m) is cls and not (m._forward_hooks or m._forward_pre_hooks) for m, cls in modules)
-        and cpu_kernels_may_run(*present)
-    ):
+    if not (state.conv.is_contiguous() and state.ssm.is_contiguous()):
+        return None
+    if (ops := one_call_kernels(x, (state.conv, state.ssm, *tensors), modules)) is None:
         return None
     if block_norm is not None:
         name = type(layer).__name__
         check_hidden(x, layer.width, name)
         check_state(state, layer.state_type, x, name, layer.state_layout())
-    return cpu_ops()
+    return ops
 
 
 def block_norm_args(block_norm: RMSNorm | None) -> tuple:

@@ -10,6 +10,7 @@
 //   rms_norm                              the (gated) RMS norm
 //   selective_ssm_step, ssd_mixer_step    decode's whole mixer step (optionally its pre-norm residual block)
 //                                         in one call, from the pieces above
+//   norm_linear                           decode's final norm and LM head in one call
 //
 // Each kernel is compiled for AVX-512, AVX2 and the baseline vector unit and picked at run time.
 
@@ -964,6 +965,14 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const std::opt
   return x.size(0) <= 16 ? small_batch_linear(x, weight, bias) : at::linear(x, weight, bias);
 }
 
+// The final norm and the LM head of decode's token, one call: x (b, 1, d) -> rms_norm(x) weight^T + bias
+// (b, 1, o); norm_weight (d,), weight (o, d), bias (o,) or None; one dtype, float32 or float64, on the CPU.
+at::Tensor norm_linear(const at::Tensor& x, const at::Tensor& norm_weight, double eps, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "norm_linear: x must be (b, 1, d), got ", x.sizes());
+  return project(pre_norm(x.select(1, 0), norm_weight, eps), weight, bias).unsqueeze(1);
+}
+
 // Decode's whole SelectiveSSM (Mamba1) step, one call: x (b, 1, d) -> in_proj -> [x | z] (in_proj_weight
 // (2e, d)); x -> conv step + silu (conv_state (b, e, k - 1), conv_weight (e, 1, k), conv_bias (e,) or None) ->
 // [dt | B | C] = x x_proj_weight^T (x_proj_weight (r + 2n, e)); dt = softplus(dt dt_proj_weight^T +
@@ -1071,6 +1080,7 @@ TORCH_LIBRARY(ssmblocks_cpu, m) {
       "Tensor)");
   m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor? z, Tensor weight, float eps, int group_size, bool norm_before_gate) -> Tensor");
+  m.def("norm_linear(Tensor x, Tensor norm_weight, float eps, Tensor weight, Tensor? bias) -> Tensor");
   m.def("causal_conv1d(Tensor x, Tensor weight, Tensor? bias, Tensor(a!)? state, bool silu) -> Tensor");
   m.def("causal_conv1d_step(Tensor x, Tensor(a!) state, Tensor weight, Tensor? bias, bool silu) -> Tensor");
   m.def(
@@ -1091,6 +1101,7 @@ TORCH_LIBRARY_IMPL(ssmblocks_cpu, CPU, m) {
   m.impl("ssd_scan", &ssd_scan);
   m.impl("small_batch_linear", &small_batch_linear);
   m.impl("rms_norm", &rms_norm);
+  m.impl("norm_linear", &norm_linear);
   m.impl("causal_conv1d", &causal_conv1d);
   m.impl("causal_conv1d_step", &causal_conv1d_step);
   m.impl("selective_ssm_step", &selective_ssm_step);

@@ -124,15 +124,17 @@ def feed(model, prompt):
 
 
 def test_model_and_generate_use_it_and_equal_the_torch_path(kernel, monkeypatch):
-    """The model's one-token forward (through Block.forward) and generate's CPU step run the one-call step;
-    logits, tokens and the state's offset equal the torch path's."""
+    """The model's one-token forward (through Block.forward) and generate's CPU step run the one-call step
+    (generate also for the final norm and LM head); logits, tokens and the state's offset equal the torch
+    path's."""
     model, prompt = ssm_model(), torch.randint(0, 50, (2, 6))
     with monkeypatch.context() as m:
         called = spy(m, kernel)
         logits, state = feed(model, prompt)
         assert len(called) == 3 * 3, called  # 3 blocks x 3 one-token calls
         out = generate(model, prompt, max_new_tokens=5)
-        assert len(called) == 3 * 3 + 3 * 4, called  # + 3 blocks x 4 decode steps (the 5th token needs none)
+        # + 3 blocks x 4 decode steps (the 5th token needs none), and the final norm + LM head once a step
+        assert len(called) == 3 * 3 + 4 * (3 + 1) and called.count("norm_linear") == 4, called
     assert state.offset == 6
     with monkeypatch.context() as m:
         torch_only(m)
@@ -141,6 +143,10 @@ def test_model_and_generate_use_it_and_equal_the_torch_path(kernel, monkeypatch)
     assert_close(logits, logits_ref, 1e-12, "logits")
     for i, (s, r) in enumerate(zip(state.layers, state_ref.layers, strict=True)):
         assert_close(s.ssm, r.ssm, 1e-12, f"layer {i} ssm state")
+    residual = torch.randn(2, 1, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(model.fused_head_call(residual)(residual), model.head(residual), 1e-12, "head")
+        assert model.fused_head_call(torch.randn(2, 3, 32, dtype=torch.float64)) is None  # one token only
 
 
 def test_hybrid_generate_binds_ssm_blocks_and_runs_the_rest_through_forward(kernel, monkeypatch):
