@@ -11,6 +11,7 @@
 //   selective_ssm_step, ssd_mixer_step    decode's whole mixer step (optionally its pre-norm residual block)
 //                                         in one call, from the pieces above
 //   norm_linear                           decode's final norm and LM head in one call
+//   vector_bytes                          the vector unit the kernels use (64: AVX-512, 32: AVX2, 16: baseline)
 //
 // Each kernel is compiled for AVX-512, AVX2 and the baseline vector unit and picked at run time.
 
@@ -25,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <tuple>
@@ -704,12 +706,28 @@ void run_baseline(const P& p, int64_t b, int64_t u0, int64_t u1) {
   run<typename P::Type, 16>(p, b, u0, u1);
 }
 
+// The widest vector unit the CPU has, capped by $SSMBLOCKS_CPU_VECTORS when set ("avx2" or "baseline": the
+// tests run every variant on one machine this way); read once a process.
+int vector_bytes() {
+  static const int bytes = [] {
+    const char* cap = std::getenv("SSMBLOCKS_CPU_VECTORS");
+    const bool any = cap == nullptr || cap[0] == '\0';
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (any && __builtin_cpu_supports("avx512f")) return 64;
+    if ((any || std::strcmp(cap, "avx2") == 0) && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return 32;
+#endif
+    return 16;
+  }();
+  return bytes;
+}
+
 template <typename P>
 KernelFn<P> pick_variant() {
 #if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return run_avx512<P>;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return run_avx2<P>;
+  if (vector_bytes() == 64) return run_avx512<P>;
+  if (vector_bytes() == 32) return run_avx2<P>;
 #endif
   return run_baseline<P>;
 }
@@ -1081,6 +1099,7 @@ TORCH_LIBRARY(ssmblocks_cpu, m) {
   m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor? z, Tensor weight, float eps, int group_size, bool norm_before_gate) -> Tensor");
   m.def("norm_linear(Tensor x, Tensor norm_weight, float eps, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("vector_bytes() -> int", [] { return int64_t(vector_bytes()); });  // which variant runs, for the tests
   m.def("causal_conv1d(Tensor x, Tensor weight, Tensor? bias, Tensor(a!)? state, bool silu) -> Tensor");
   m.def("causal_conv1d_step(Tensor x, Tensor(a!) state, Tensor weight, Tensor? bias, bool silu) -> Tensor");
   m.def(

@@ -1,6 +1,9 @@
-"""rms_norm and gated_rms_norm against plain float64 formulas, grouped and ungrouped, and their output dtypes."""
+"""rms_norm and gated_rms_norm against plain float64 formulas, grouped and ungrouped, and their output dtypes;
+each test on both paths: the C++ kernel (float32 and float64 without autograd on the CPU) and torch's."""
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
@@ -16,6 +19,13 @@ D = 24
 GROUPS = {"ungrouped": None, "group_24_is_d": 24, "group_12": 12, "group_8": 8, "group_3": 3}
 # eps matters when the mean square is small: scale the inputs down to make it count
 SCALES_EPS = {"unit_eps1e-5": (1.0, 1e-5), "small_eps1e-5": (1e-3, 1e-5), "unit_eps0.1": (1.0, 0.1)}
+
+
+@pytest.fixture(autouse=True, params=["cpu_kernel", "torch"])
+def path(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setattr(importlib.import_module("ssmblocks.ops.norm"), "cpu_ops", lambda: None)
+    return request.param
 
 
 def rms_formula(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None) -> torch.Tensor:
