@@ -58,6 +58,19 @@ SSM_INLINE void copy_bytes(void* dst, const void* src, int64_t bytes) {
   }
 }
 
+// m <= lanes values at src into a vector, zeros after them.
+template <typename T, int Bytes>
+SSM_INLINE typename Simd<T, Bytes>::V load_lanes(const T* src, int64_t m) {
+  typename Simd<T, Bytes>::V v{};
+  copy_bytes<Bytes>(&v, src, m * sizeof(T));
+  return v;
+}
+
+// The first m <= lanes values of v to dst.
+template <typename T, int Bytes>
+SSM_INLINE void store_lanes(T* dst, typename Simd<T, Bytes>::V v, int64_t m) {
+  copy_bytes<Bytes>(dst, &v, m * sizeof(T));
+}
 
 // Channels per group, the unit of work: 128 bytes, contiguous in x, dt, z and y.
 template <typename T>
@@ -91,6 +104,12 @@ SSM_INLINE typename Simd<double, Bytes>::V exp2v(typename Simd<double, Bytes>::V
   return y;
 }
 
+// silu(v) = v sigmoid(v), lane by lane.
+template <typename T, int Bytes>
+SSM_INLINE typename Simd<T, Bytes>::V silu(typename Simd<T, Bytes>::V v) {
+  return v / (T(1) + exp2v<Bytes>(v * T(-kLog2e)));
+}
+
 // Raw pointers and element strides. x, dt, z, y: (b, l, e) with unit channel stride; B, C: (b, l, n);
 // A: (e, n); D: (e,); h0, hT: (b, e, n). D, z and h0 may be null.
 template <typename T>
@@ -113,8 +132,10 @@ SSM_INLINE void load_group(void* dst, const T* src, int64_t w) {
 // missing channels are zero throughout), in vectors of Bytes. Time is the outer loop, so that each step
 // reads and writes contiguous rows of x, dt, z and y. A step of one group:
 //     h <- 2^(dt a) h + (dt x) B_t,   y = (h C_t + D x) silu(z),   a = A^T log2(e).
+// (Each kernel is an overload of run(params, b, u0, u1) over units u0 .. u1 of batch element b; see
+// parallel_run.)
 template <typename T, int Bytes>
-SSM_INLINE void scan(const Scan<T>& s, int64_t b, int64_t g0, int64_t g1) {
+SSM_INLINE void run(const Scan<T>& s, int64_t b, int64_t g0, int64_t g1) {
   using V = typename Simd<T, Bytes>::V;
   constexpr int64_t G = kGroup<T>, nv = G * sizeof(T) / Bytes;  // channels, vectors per group
   const int64_t n = s.n, block = (2 * n + 1) * nv;                // per group: a, h (n, nv), D (nv)
@@ -155,7 +176,7 @@ SSM_INLINE void scan(const Scan<T>& s, int64_t b, int64_t g0, int64_t g1) {
       }
       if (s.z) {
         load_group(z, s.z + b * s.sz[0] + t * s.sz[1] + e0, w);
-        for (int64_t v = 0; v < nv; ++v) acc[v] *= z[v] / (T(1) + exp2v<Bytes>(z[v] * T(-kLog2e)));
+        for (int64_t v = 0; v < nv; ++v) acc[v] *= silu<T, Bytes>(z[v]);
       }
       copy_bytes<128>(s.y + (b * s.l + t) * s.e + e0, acc, w * sizeof(T));
     }
@@ -196,24 +217,16 @@ SSM_INLINE T lane_sum(typename Simd<T, Bytes>::V v) {
 // y = (y + D x) silu(z) for m <= lanes consecutive channels; D and z may be null.
 template <typename T, int Bytes>
 SSM_INLINE void finish_lanes(T* y, const T* x, const T* D, const T* z, int64_t m) {
-  typename Simd<T, Bytes>::V yv{}, xv{}, v{};
-  std::memcpy(&yv, y, m * sizeof(T));
-  std::memcpy(&xv, x, m * sizeof(T));
-  if (D) {
-    std::memcpy(&v, D, m * sizeof(T));
-    yv += v * xv;
-  }
-  if (z) {
-    std::memcpy(&v, z, m * sizeof(T));
-    yv *= v / (T(1) + exp2v<Bytes>(v * T(-kLog2e)));
-  }
-  std::memcpy(y, &yv, m * sizeof(T));
+  auto yv = load_lanes<T, Bytes>(y, m);
+  if (D) yv += load_lanes<T, Bytes>(D, m) * load_lanes<T, Bytes>(x, m);
+  if (z) yv *= silu<T, Bytes>(load_lanes<T, Bytes>(z, m));
+  store_lanes<T, Bytes>(y, yv, m);
 }
 
 // Channels c0 .. c1 of batch element b: the state in vectors of Bytes along n (the last n % lanes values
 // one by one), then D and z in vectors along the channels.
 template <typename T, int Bytes>
-SSM_INLINE void step(const Step<T>& s, int64_t b, int64_t c0, int64_t c1) {
+SSM_INLINE void run(const Step<T>& s, int64_t b, int64_t c0, int64_t c1) {
   using V = typename Simd<T, Bytes>::V;
   constexpr int64_t L = Bytes / sizeof(T);
   const int64_t n = s.n, full = n / L * L;
@@ -339,14 +352,13 @@ SSM_INLINE void conv_channels(const Conv<T>& p, int64_t b, int64_t c0, int64_t c
     for (int64_t v = 0; v < nv; ++v) {
       V* u = buffer + v * (H + K + 1);
       const int64_t ch = c0 + v * L, m = std::min(L, c1 - ch);
-      V xt{}, out = u[H + K];
-      copy_bytes<Bytes>(&xt, x + ch, m * sizeof(T));
+      V xt = load_lanes<T, Bytes>(x + ch, m), out = u[H + K];
       for (int j = 0; j + 1 < K; ++j) out += u[H + j] * u[j];
       out += u[H + K - 1] * xt;
       for (int j = 0; j + 2 < K; ++j) u[j] = u[j + 1];
       if constexpr (K > 1) u[K - 2] = xt;
-      if (p.silu) out = out / (T(1) + exp2v<Bytes>(out * T(-kLog2e)));
-      copy_bytes<Bytes>(y + ch, &out, m * sizeof(T));
+      if (p.silu) out = silu<T, Bytes>(out);
+      store_lanes<T, Bytes>(y + ch, out, m);
     }
   }
   for (int64_t v = 0; p.state && v < nv; ++v) {
@@ -382,7 +394,7 @@ struct SsdScan {
   bool D_per_channel;
 };
 
-// Columns (of p) per unit of work: 64 bytes times kSsdVectors, i.e. 64 float32 with AVX-512.
+// Bytes of a head's p columns per unit of work (64 float32, 32 float64), whatever the vector unit.
 constexpr int64_t kSsdBytes = 256;
 
 // The smallest scale of the scaled SSD state (see ssd_scan_block) before it is folded into the state.
@@ -501,7 +513,7 @@ struct SsdStep {
 // Heads h0 .. h1 of batch element b: dt = clamp(softplus(dt_raw + dt_bias)), then for each of the head's p
 // rows h <- exp(-dt exp(A_log)) h + (dt x) B, y = h C + D x, in vectors along n (the last n % lanes one by one).
 template <typename T, int Bytes>
-SSM_INLINE void ssd_step_heads(const SsdStep<T>& s, int64_t b, int64_t h0, int64_t h1) {
+SSM_INLINE void run(const SsdStep<T>& s, int64_t b, int64_t h0, int64_t h1) {
   using V = typename Simd<T, Bytes>::V;
   constexpr int64_t L = Bytes / sizeof(T);
   const int64_t n = s.n, p = s.p, full = n / L * L, per_group = s.heads / s.g;
@@ -547,27 +559,12 @@ struct GatedNorm {
   bool norm_before_gate;
 };
 
-// m <= lanes values at src into a vector, zeros after them.
-template <typename T, int Bytes>
-SSM_INLINE typename Simd<T, Bytes>::V load_lanes(const T* src, int64_t m) {
-  typename Simd<T, Bytes>::V v{};
-  copy_bytes<Bytes>(&v, src, m * sizeof(T));
-  return v;
-}
-
-// The first m <= lanes values of v to dst.
-template <typename T, int Bytes>
-SSM_INLINE void store_lanes(T* dst, typename Simd<T, Bytes>::V v, int64_t m) {
-  copy_bytes<Bytes>(dst, &v, m * sizeof(T));
-}
-
 // Groups g0 .. g1 of row b: one pass for the gate and the sum of squares (writing x, gated, to y), one for the
 // scaling.
 template <typename T, int Bytes>
-SSM_INLINE void gated_norm_groups(const GatedNorm<T>& p, int64_t b, int64_t g0, int64_t g1) {
+SSM_INLINE void run(const GatedNorm<T>& p, int64_t b, int64_t g0, int64_t g1) {
   using V = typename Simd<T, Bytes>::V;
   constexpr int64_t L = Bytes / sizeof(T);
-  const auto silu = [](V v) { return v / (T(1) + exp2v<Bytes>(v * T(-kLog2e))); };
   for (int64_t g = g0; g < g1; ++g) {
     T* y = p.y + b * p.d + g * p.group;
     const T *x = p.x + b * p.sx + g * p.group, *w = p.w + g * p.group;
@@ -576,7 +573,7 @@ SSM_INLINE void gated_norm_groups(const GatedNorm<T>& p, int64_t b, int64_t g0, 
     for (int64_t c = 0; c < p.group; c += L) {
       const int64_t m = std::min(L, p.group - c);
       V v = load_lanes<T, Bytes>(x + c, m);
-      if (z && !p.norm_before_gate) v *= silu(load_lanes<T, Bytes>(z + c, m));
+      if (z && !p.norm_before_gate) v *= silu<T, Bytes>(load_lanes<T, Bytes>(z + c, m));
       store_lanes<T, Bytes>(y + c, v, m);
       squares += v * v;
     }
@@ -584,7 +581,7 @@ SSM_INLINE void gated_norm_groups(const GatedNorm<T>& p, int64_t b, int64_t g0, 
     for (int64_t c = 0; c < p.group; c += L) {
       const int64_t m = std::min(L, p.group - c);
       V v = load_lanes<T, Bytes>(y + c, m) * scale * load_lanes<T, Bytes>(w + c, m);
-      if (z && p.norm_before_gate) v *= silu(load_lanes<T, Bytes>(z + c, m));
+      if (z && p.norm_before_gate) v *= silu<T, Bytes>(load_lanes<T, Bytes>(z + c, m));
       store_lanes<T, Bytes>(y + c, v, m);
     }
   }
@@ -595,16 +592,6 @@ SSM_INLINE void gated_norm_groups(const GatedNorm<T>& p, int64_t b, int64_t g0, 
 // one batch element b.
 template <typename P>
 using KernelFn = void (*)(const P&, int64_t b, int64_t u0, int64_t u1);
-
-template <typename T, int Bytes>
-SSM_INLINE void run(const Scan<T>& s, int64_t b, int64_t u0, int64_t u1) {
-  scan<T, Bytes>(s, b, u0, u1);
-}
-
-template <typename T, int Bytes>
-SSM_INLINE void run(const Step<T>& s, int64_t b, int64_t u0, int64_t u1) {
-  step<T, Bytes>(s, b, u0, u1);
-}
 
 // Units: blocks of 4 rows of w (the last may be shorter); b is always 0.
 template <typename T, int Bytes>
@@ -659,14 +646,10 @@ SSM_INLINE void run(const ConvStep<T>& p, int64_t b, int64_t c0, int64_t c1) {
     default: conv_step_channels<T, 0>(p, b, c0, c1);
   }
   if (!p.silu) return;
-  using V = typename Simd<T, Bytes>::V;
   constexpr int64_t L = Bytes / sizeof(T);
-  for (int64_t c = c0; c < c1; c += L) {  // y = y sigmoid(y), in vectors
+  for (int64_t c = c0; c < c1; c += L) {  // in vectors
     const int64_t m = std::min(L, c1 - c);
-    V v{};
-    std::memcpy(&v, p.y + b * p.c + c, m * sizeof(T));
-    v = v / (T(1) + exp2v<Bytes>(v * T(-kLog2e)));
-    std::memcpy(p.y + b * p.c + c, &v, m * sizeof(T));
+    store_lanes<T, Bytes>(p.y + b * p.c + c, silu<T, Bytes>(load_lanes<T, Bytes>(p.y + b * p.c + c, m)), m);
   }
 }
 
@@ -675,18 +658,6 @@ template <typename T, int Bytes>
 SSM_INLINE void run(const SsdScan<T>& s, int64_t b, int64_t u0, int64_t u1) {
   const int64_t blocks = (s.p * int64_t(sizeof(T)) + kSsdBytes - 1) / kSsdBytes;
   for (int64_t u = u0; u < u1; ++u) ssd_scan_block<T, Bytes>(s, b, u / blocks, u % blocks * (kSsdBytes / sizeof(T)));
-}
-
-// Units: heads of batch element b.
-template <typename T, int Bytes>
-SSM_INLINE void run(const SsdStep<T>& s, int64_t b, int64_t u0, int64_t u1) {
-  ssd_step_heads<T, Bytes>(s, b, u0, u1);
-}
-
-// Units: norm groups of row b.
-template <typename T, int Bytes>
-SSM_INLINE void run(const GatedNorm<T>& p, int64_t b, int64_t u0, int64_t u1) {
-  gated_norm_groups<T, Bytes>(p, b, u0, u1);
 }
 
 #if defined(__x86_64__)
@@ -922,7 +893,7 @@ at::Tensor causal_conv1d_step(const at::Tensor& x_, at::Tensor& state, const at:
 }
 
 // x: (m, k), weight: (o, k), bias: (o,) or None; float32 or float64 CPU tensors of one dtype. Returns
-// x weight^T + bias: (m, o). For small m (the callers use it for 2..16).
+// x weight^T + bias: (m, o). For small m (the callers use it for 1..16).
 at::Tensor small_batch_linear(const at::Tensor& x_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_) {
   TORCH_CHECK(x_.dim() == 2 && weight_.dim() == 2 && x_.size(1) == weight_.size(1),
               "small_batch_linear: x must be (m, k) and weight (o, k), got ", x_.sizes(), " and ", weight_.sizes());
@@ -942,7 +913,6 @@ at::Tensor small_batch_linear(const at::Tensor& x_, const at::Tensor& weight_, c
   });
   return y;
 }
-
 
 // The (gated) RMS norm of rows: x (rows, d) and z (rows, d) or None, each with unit last stride; weight (d,);
 // norm groups of group_size channels; one dtype, float32 or float64, on the CPU. Returns y (rows, d):
