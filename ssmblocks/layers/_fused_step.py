@@ -10,12 +10,9 @@ import torch
 from torch import nn
 
 from ..errors import check_hidden
-from ..ops.cpu_kernel import cpu_kernels_may_run, cpu_ops
+from ..ops.cpu_kernel import cpu_kernels_take, cpu_ops
 from ..state import SSMState, check_state
 from .norm import RMSNorm
-
-_FLOATS = (torch.float32, torch.float64)
-_PLAIN = (torch.Tensor, nn.Parameter)  # a parameter of a tensor subclass (torchao, DTensor) has the subclass's type
 
 
 def one_call_kernels(
@@ -29,12 +26,8 @@ def one_call_kernels(
     dtype, float32 or float64, plain tensors (not quantized or distributed), on the CPU without autograd or
     tracing.
     """
-    present = [x, *(t for t in tensors if t is not None)]
-    if (
-        x.dtype in _FLOATS
-        and all(type(t) in _PLAIN and t.dtype == x.dtype for t in present)
-        and all(type(m) is cls and not (m._forward_hooks or m._forward_pre_hooks) for m, cls in modules)
-        and cpu_kernels_may_run(*present)
+    if cpu_kernels_take(x, *tensors) and all(
+        type(m) is cls and not (m._forward_hooks or m._forward_pre_hooks) for m, cls in modules
     ):
         return cpu_ops()
     return None

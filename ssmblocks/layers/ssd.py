@@ -161,16 +161,14 @@ class SSD(KeepFloat32, FusedStep, SequenceLayer):
         ``state``, or with ``block_norm`` that of a pre-norm residual block, x + forward(block_norm(x)). Checked
         for inputs like x (see fused_step_kernels); None where it may not run."""
         conv, gated, in_proj, out_proj = self.conv1d, self.norm, self.in_proj, self.out_proj
-        params = (
-            in_proj.weight, in_proj.bias, conv.weight, conv.bias, self.dt_bias, self.A_log, self.D, gated.weight,
-            out_proj.weight, out_proj.bias,
-        )  # fmt: skip
+        mixing = (in_proj.weight, in_proj.bias, conv.weight, conv.bias, self.dt_bias, self.A_log, self.D)
+        output = (out_proj.weight, out_proj.bias)
         inner = ((in_proj, Linear), (conv, CausalConv1d), (gated, GatedRMSNorm), (out_proj, Linear))
-        if (ops := fused_step_kernels(self, x, state, params, inner, block_norm)) is None:
+        if (ops := fused_step_kernels(self, x, state, (*mixing, gated.weight, *output), inner, block_norm)) is None:
             return None
         args = (
-            state.conv, state.ssm, *params[:7], *self.dt_limit, gated.weight, gated.eps, gated.group_size,
-            gated.norm_before_gate, *params[-2:], *block_norm_args(block_norm),
+            state.conv, state.ssm, *mixing, *self.dt_limit, gated.weight, gated.eps, gated.group_size,
+            gated.norm_before_gate, *output, *block_norm_args(block_norm),
         )  # fmt: skip
         return lambda x: ops.ssd_mixer_step(x, *args)
 

@@ -59,3 +59,18 @@ def cpu_kernels_may_run(*tensors: torch.Tensor | None) -> bool:
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
         and not torch.compiler.is_compiling()
     )
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a parameter of a tensor subclass has the subclass's type
+
+
+def cpu_kernels_take(*tensors: torch.Tensor | None) -> bool:
+    """``cpu_kernels_may_run``, and the tensors (None skipped) plain float32 or float64 tensors of the first
+    one's dtype: no tensor subclasses (quantized or distributed weights), which the kernels cannot read."""
+    present = [t for t in tensors if t is not None]
+    dtype = present[0].dtype
+    return (
+        dtype in (torch.float32, torch.float64)
+        and all(type(t) in _PLAIN and t.dtype == dtype for t in present)
+        and cpu_kernels_may_run(*present)
+    )

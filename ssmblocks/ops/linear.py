@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernel import cpu_kernels_may_run, cpu_ops
+from .cpu_kernel import cpu_kernels_take, cpu_ops
 
 SMALL_BATCH_ROWS = range(2, 17)  # rows (batch x tokens) for which the C++ kernel beats MKL's sgemm
 
@@ -20,13 +20,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    if (
-        rows in SMALL_BATCH_ROWS
-        and x.dtype in (torch.float32, torch.float64)
-        and all(type(t.data) is torch.Tensor and t.dtype == x.dtype for t in tensors)
-        and cpu_kernels_may_run(*tensors)
-        and (ops := cpu_ops()) is not None
-    ):
+    if rows in SMALL_BATCH_ROWS and cpu_kernels_take(x, weight, bias) and (ops := cpu_ops()) is not None:
         return ops.small_batch_linear(x.reshape(rows, k), weight, bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

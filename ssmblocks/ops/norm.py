@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernel import cpu_kernels_may_run, cpu_ops
+from .cpu_kernel import cpu_kernels_take, cpu_ops
 
 
 def _normalise(v: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int, own: bool) -> torch.Tensor:
@@ -29,13 +29,7 @@ def _normalise(v: torch.Tensor, weight: torch.Tensor, eps: float, group_size: in
 def _cpu_norm(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps, group_size, norm_before_gate):
     """The C++ ``rms_norm`` (one pass to gate and sum, one to scale) where it may run: x, z and weight plain
     float32/float64 tensors of one dtype on the CPU, without autograd. Else None."""
-    tensors = (x, weight) if z is None else (x, z, weight)
-    if not (
-        x.dtype in (torch.float32, torch.float64)
-        and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == x.dtype for t in tensors)
-        and cpu_kernels_may_run(*tensors)
-        and (ops := cpu_ops()) is not None
-    ):
+    if not cpu_kernels_take(x, z, weight) or (ops := cpu_ops()) is None:
         return None
     d = x.shape[-1]
     rows = (None if t is None else t.reshape(-1, d) for t in (x, z))
