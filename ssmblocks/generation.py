@@ -1,16 +1,14 @@
-"""Generation for any CausalLM: greedy or sampled, batched with left padding, streamed, chunked prefill;
-on CUDA a decode step replayed from a captured CUDA graph, on the CPU one whose SSM blocks run as one C++ call
-each, bound once."""
+"""Generation for any CausalLM: greedy or sampled, batched with left padding, streamed, chunked prefill; the
+decode step is a decode plan (ssmblocks.backends.plans: a CUDA graph on GPU, one-call C++ steps on the CPU)."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 
 import torch
 
+from .backends.plans import decode_plan
 from .errors import ShapeError
-from .model import CausalLM
 from .state import ModelState
 
 
@@ -82,10 +80,7 @@ def stream(
 
     state = model.init_state(b, l + max_new_tokens)
     logits = prefill(model, input_ids, state, attention_mask, prefill_chunk_size)
-    if device.type == "cuda" if cuda_graph is None else cuda_graph:
-        step = _graph_step(model, state, b)
-    else:
-        step = _fused_cpu_step(model, state, b)
+    step = decode_plan(model, state, cuda_graph)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
         token = pick(logits).masked_fill(finished, pad)
@@ -94,7 +89,7 @@ def stream(
         yield token
         if i + 1 == max_new_tokens or bool(finished.all()):
             return
-        logits = step(feed) if step is not None else model(feed[:, None], state=state).logits[:, -1]
+        logits = step(feed)
 
 
 def prefill(
@@ -110,58 +105,6 @@ def prefill(
         mask = None if attention_mask is None else attention_mask[:, start : start + chunk]
         logits = model(input_ids[:, start : start + chunk], state=state, attention_mask=mask).logits
     return logits[:, -1]
-
-
-def _fused_cpu_step(model, state: ModelState, b: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A decode step (token (b,) -> logits (b, vocab)) with every block bound once here rather than at every
-    token (as a CUDA graph is captured once): a one-call C++ step where the block has one (Block.fused_call:
-    an SSM mixer, on the CPU, float32 or float64, no autograd), its forward otherwise; the final norm and LM
-    head one call too where they can be. It advances the state like the model's forward. None unless the
-    model is a CausalLM with at least one such block."""
-    if not isinstance(model, CausalLM):
-        return None
-    residual = model.embed(torch.zeros(b, 1, dtype=torch.long, device=model.embedding.weight.device))
-    fused = [block.fused_call(residual, s) for block, s in zip(model.layers, state.layers, strict=True)]
-    if all(call is None for call in fused):
-        return None
-    calls = [
-        call or functools.partial(block, state=s)
-        for call, block, s in zip(fused, model.layers, state.layers, strict=True)
-    ]
-    head = model.fused_head_call(residual) or model.head
-
-    def step(token: torch.Tensor) -> torch.Tensor:
-        residual = model.embed(token[:, None])
-        for call in calls:
-            residual = call(residual)
-        state.offset += 1
-        return head(residual)[:, -1]
-
-    return step
-
-
-def _graph_step(model, state: ModelState, b: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Capture one decode step (token (b,) -> logits (b, vocab)) in a CUDA graph over the state's buffers,
-    which every replay updates in place."""
-    device = model.embedding.weight.device
-    static_token = torch.zeros(b, 1, dtype=torch.long, device=device)
-    warm = state.clone()  # warm-up runs (required before capture) must not advance the real state
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            model(static_token, state=warm)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_logits = model(static_token, state=state).logits[:, -1]
-
-    def step(token: torch.Tensor) -> torch.Tensor:
-        static_token.copy_(token[:, None])
-        graph.replay()
-        return static_logits
-
-    return step
 
 
 def generate(

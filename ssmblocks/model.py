@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -12,8 +11,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import ShapeError
+from .generation import generate
 from .layers import SSD, Attention, RMSNorm, SelectiveSSM, SwiGLU
-from .layers._fused_step import one_call_kernels
 from .layers.linear import Linear
 from .precision import warn_if_slow_bf16
 from .recipe import AttentionSpec, ParallelSpec, Recipe, SelectiveSSMSpec, SSDSpec
@@ -64,31 +63,16 @@ class Block(nn.Module):
             self.mlp = SwiGLU(recipe.d_model, recipe.mlp.hidden_dim, recipe.mlp.bias, **kw)
 
     def forward(self, residual, state=None, attention_mask=None, cu_seqlens=None):
-        """residual: (b, l, d) in the residual dtype; the mixer and MLP run in the module's dtype. Decode's
-        one token runs as one C++ call where it can (fused_call)."""
-        one_token = state is not None and attention_mask is None and cu_seqlens is None and residual.shape[1] == 1
-        if one_token and (call := self.fused_call(residual, state)) is not None:
-            return call(residual)
+        """residual: (b, l, d) in the residual dtype; the mixer and MLP run in the module's dtype."""
         dtype = self.norm.weight.dtype
         h = self.mixer(self.norm(residual).to(dtype), state=state, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
-        return self._add_mlp(residual + h.to(residual.dtype))
+        return self.add_mlp(residual + h.to(residual.dtype))
 
-    def _add_mlp(self, residual: torch.Tensor) -> torch.Tensor:
+    def add_mlp(self, residual: torch.Tensor) -> torch.Tensor:
         """residual + mlp(norm2(residual)), or residual itself without an MLP."""
         if self.mlp is None:
             return residual
         return residual + self.mlp(self.norm2(residual).to(self.norm.weight.dtype)).to(residual.dtype)
-
-    def fused_call(self, residual: torch.Tensor, state) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The block's decode step, residual (b, 1, d) -> (b, 1, d), with the norm, the mixer and the residual
-        add in one C++ call (then the MLP, if any), checked for inputs like ``residual``: for an SSM mixer whose
-        ``fused_call`` can run; else None."""
-        if not isinstance(self.mixer, (SelectiveSSM, SSD)):
-            return None
-        call = self.mixer.fused_call(residual, state, self.norm)
-        if call is None or self.mlp is None:
-            return call
-        return lambda residual: self._add_mlp(call(residual))
 
 
 class LMOutput(NamedTuple):
@@ -161,8 +145,6 @@ class CausalLM(nn.Module):
             else:
                 residual = block(residual, layer_state, attention_mask, cu_seqlens)
         logits = self.head(residual)
-        if state is not None:
-            state.offset += input_ids.shape[1]
         loss = None if labels is None else self.loss(logits, labels, cu_seqlens)
         return LMOutput(logits, loss)
 
@@ -175,19 +157,6 @@ class CausalLM(nn.Module):
         """The residual stream (b, l, d) -> logits (b, l, vocab_size): final norm, then the LM head."""
         hidden = self.norm_f(residual).to(self.lm_head.weight.dtype)
         return self.lm_head(hidden)[..., : self.recipe.vocab_size]
-
-    def fused_head_call(self, residual: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """``head`` for decode's token, residual (b, 1, d) -> logits (b, 1, vocab_size), as one C++ call (the
-        final norm and the LM head), checked for inputs like ``residual``; None where it may not run."""
-        norm, head = self.norm_f, self.lm_head
-        modules = ((norm, RMSNorm), (head, Linear))
-        if (
-            residual.shape[1] != 1
-            or (ops := one_call_kernels(residual, (norm.weight, head.weight, head.bias), modules)) is None
-        ):
-            return None
-        args, vocab = (norm.weight, norm.eps, head.weight, head.bias), self.recipe.vocab_size
-        return lambda residual: ops.norm_linear(residual, *args)[..., :vocab]
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
@@ -213,8 +182,6 @@ class CausalLM(nn.Module):
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """See ssmblocks.generation.generate."""
-        from .generation import generate
-
         return generate(self, input_ids, **kwargs)
 
     def num_parameters(self) -> int:

@@ -64,7 +64,9 @@ class SSDSpec(_Spec):
     expand: PositiveInt = 2
     head_dim: PositiveInt = 64
     n_groups: PositiveInt = Field(1, description="groups of B and C, each shared by heads / n_groups heads")
-    chunk_size: PositiveInt = 256
+    chunk_size: PositiveInt | None = Field(
+        None, description="chunk of the chunked scan; None: each implementation's own. Never changes results"
+    )
     dt_min: PositiveFloat = 0.001
     dt_max: PositiveFloat = 0.1
     dt_init_floor: PositiveFloat = 1e-4

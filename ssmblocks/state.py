@@ -128,14 +128,13 @@ def map_state(state, fn):
 @dataclass
 class ModelState:
     """The states of all layers of a model, in order (None for stateless layers; a tuple for a block of
-    parallel mixers), plus ``offset``: how many tokens the model has consumed."""
+    parallel mixers)."""
 
     layers: list
-    offset: int = 0
 
     def clone(self) -> ModelState:
         """An independent copy, to continue one prefix in several ways."""
-        return ModelState([map_state(s, lambda _, t: t.clone()) for s in self.layers], self.offset)
+        return ModelState([map_state(s, lambda _, t: t.clone()) for s in self.layers])
 
     def select(self, indices: torch.Tensor | list[int]) -> ModelState:
         """A state of the batch rows ``indices`` in that order (reorder beams, drop finished rows)."""
@@ -146,7 +145,7 @@ class ModelState:
                 raise StateError(f"select: row index out of range for batch size {t.shape[0]}")
             return t.index_select(0, index)
 
-        return ModelState([map_state(s, pick) for s in self.layers], self.offset)
+        return ModelState([map_state(s, pick) for s in self.layers])
 
     def to(self, device=None, dtype=None) -> ModelState:
         """Move to ``device``; cast the activation buffers (conv, k, v) to ``dtype``. The SSM state keeps
@@ -156,7 +155,7 @@ class ModelState:
             cast = dtype if name in _ACTIVATION_FIELDS and dtype is not None else t.dtype
             return t.to(device=device if device is not None else t.device, dtype=cast)
 
-        return ModelState([map_state(s, move) for s in self.layers], self.offset)
+        return ModelState([map_state(s, move) for s in self.layers])
 
     @property
     def batch_size(self) -> int:

@@ -3,7 +3,10 @@ import warnings
 import pytest
 import torch
 
-from ssmblocks.ops.cpu_kernel import cpu_ops
+from ssmblocks import backends
+from ssmblocks.backends.cpp_kernels import library
+
+AVAILABLE = backends.available()  # the backends of this machine (builds the C++ kernels, once)
 
 
 @pytest.fixture(autouse=True)
@@ -17,10 +20,50 @@ def kernel():
     not build."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ops = cpu_ops()
+        ops = library()
     if ops is None:
         pytest.skip(f"the C++ CPU kernels did not build: {[str(w.message) for w in caught]}")
     return ops
+
+
+@pytest.fixture(params=AVAILABLE)
+def backend(request):
+    """Each backend present on this machine in turn, selected for the test (ssmblocks.backends.use)."""
+    with backends.use(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def torch_path():
+    """Only the torch implementations run (ssmblocks.backends.use("torch"))."""
+    with backends.use("torch"):
+        yield
+
+
+@pytest.fixture
+def kernel_calls(kernel):
+    """The names of the ops that ran their C++ implementation during the test, in order (a live list)."""
+    with backends.record() as calls:
+        yield CppCalls(calls)
+
+
+class CppCalls:
+    """The op names of the "cpp" entries of a ``backends.record()`` list, read when compared."""
+
+    def __init__(self, records: list[tuple[str, str]]):
+        self.records = records
+
+    def names(self) -> list[str]:
+        return [op for op, backend in self.records if backend == "cpp"]
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __eq__(self, other) -> bool:
+        return self.names() == other
+
+    def __repr__(self) -> str:
+        return repr(self.names())
 
 
 def pytest_collection_modifyitems(config, items):

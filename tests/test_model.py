@@ -57,7 +57,6 @@ def test_prefill_then_decode_at_every_step_equals_full_forward(model):
     steps = [model(tokens[:, :5], state=state).logits]
     steps += [model(tokens[:, t : t + 1], state=state).logits for t in range(5, 14)]
     assert_close(torch.cat(steps, 1), full, 1e-5, "prefill + decode")
-    assert state.offset == 14
 
 
 @torch.no_grad()

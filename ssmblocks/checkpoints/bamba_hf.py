@@ -51,7 +51,6 @@ def to_recipe(config: dict, shapes) -> Recipe:
         "expand": expand,
         "head_dim": head_dim,
         "n_groups": config.get("mamba_n_groups", 1),
-        "chunk_size": config.get("mamba_chunk_size", 256),
         "dt_limit": dt_limit(config),
         "norm_eps": eps,
         "conv_bias": config.get("mamba_conv_bias", True),
@@ -112,7 +111,7 @@ def to_config(recipe: Recipe) -> dict:
         "mamba_d_state": m.d_state,
         "mamba_d_conv": m.d_conv,
         "mamba_expand": m.expand,
-        "mamba_chunk_size": m.chunk_size,
+        "mamba_chunk_size": m.chunk_size or 256,  # transformers' default; a kernel setting, not read back
         "mamba_conv_bias": m.conv_bias,
         "mamba_proj_bias": m.bias,
         **limit_entry(m.dt_limit),

@@ -26,7 +26,6 @@ def to_recipe(config: dict, shapes) -> Recipe:
         "expand": expand,
         "head_dim": head_dim,
         "n_groups": config.get("n_groups", 1),
-        "chunk_size": config.get("chunk_size", 256),
         "dt_min": config.get("time_step_min", 0.001),
         "dt_max": config.get("time_step_max", 0.1),
         "dt_init_floor": config.get("time_step_floor", 1e-4),
@@ -71,7 +70,7 @@ def to_config(recipe: Recipe) -> dict:
         "n_groups": spec.n_groups,
         "expand": spec.expand,
         "conv_kernel": spec.d_conv,
-        "chunk_size": spec.chunk_size,
+        "chunk_size": spec.chunk_size or 256,  # transformers' default; a kernel setting, not read back
         "time_step_min": spec.dt_min,
         "time_step_max": spec.dt_max,
         "time_step_floor": spec.dt_init_floor,

@@ -84,9 +84,8 @@ def _mamba2(ssm_cfg: dict, shapes, d: int) -> dict:
         "conv_bias": MIXER + "conv1d.bias" in shapes,
         "bias": MIXER + "in_proj.bias" in shapes,
     }
-    for ours, theirs in (("chunk_size", "chunk_size"), ("dt_limit", "dt_limit")):
-        if theirs in ssm_cfg:
-            spec[ours] = tuple(ssm_cfg[theirs]) if ours == "dt_limit" else ssm_cfg[theirs]
+    if "dt_limit" in ssm_cfg:  # chunk_size is mamba_ssm's kernel setting, not the model's: left to our kernels
+        spec["dt_limit"] = tuple(ssm_cfg["dt_limit"])
     return spec
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import check_positive
-from ..ops.conv import causal_conv1d
+from ..ops import causal_conv1d, causal_conv1d_step
 from ..state import ConvState
 from ._entry import SequenceLayer
 from ._local import local
@@ -64,7 +64,10 @@ class CausalConv1d(SequenceLayer):
     ) -> torch.Tensor:
         """The convolution alone (no checks): x (b, l, channels); conv_state (b, channels, k-1) or None;
         mask (b, l) bool left padding, whose padded inputs are skipped."""
-        return causal_conv1d(x, local(self.weight), local(self.bias), self.activation, conv_state, mask)
+        weight, bias = local(self.weight), local(self.bias)
+        if x.shape[1] == 1 and conv_state is not None and mask is None:  # decode's one token
+            return causal_conv1d_step(x[:, 0], conv_state, weight, bias, self.activation)[:, None]
+        return causal_conv1d(x, weight, bias, self.activation, conv_state, mask)
 
     @property
     def width(self) -> int:

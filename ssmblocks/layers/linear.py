@@ -1,11 +1,11 @@
-"""nn.Linear whose product runs ``ssmblocks.ops.linear`` (a faster CPU path for decode's small batches)."""
+"""nn.Linear whose product runs the op ``ssmblocks.ops.linear`` (on the CPU, a C++ kernel for decode's few rows)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..ops.linear import linear
+from ..ops import linear
 
 
 class Linear(nn.Linear):

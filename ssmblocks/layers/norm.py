@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import ShapeError, check_positive
-from ..ops.norm import gated_rms_norm, rms_norm
+from ..ops import gated_rms_norm, rms_norm
 from ._local import local
 
 

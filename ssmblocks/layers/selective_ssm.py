@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check_positive
-from ..ops.selective_scan import selective_scan, selective_scan_step
+from ..ops import selective_scan, selective_scan_step
 from ..state import SSMState
 from ._entry import SequenceLayer
-from ._fused_step import FusedStep, block_norm_args, fused_step_kernels
 from ._init import KeepFloat32, at_least_float32, dt_bias_init
 from ._local import local
 from .conv import CausalConv1d
 from .linear import Linear
-from .norm import RMSNorm
 
 
-class SelectiveSSM(KeepFloat32, FusedStep, SequenceLayer):
+class SelectiveSSM(KeepFloat32, SequenceLayer):
     """Mamba1 mixer: in_proj -> [x | z]; x -> causal conv + silu -> x_proj -> [dt | B | C];
     dt -> dt_proj -> softplus; selective scan; y * silu(z) -> out_proj.
 
@@ -107,8 +104,6 @@ class SelectiveSSM(KeepFloat32, FusedStep, SequenceLayer):
         return self.d_model
 
     def _mix(self, x: torch.Tensor, state: SSMState | None, mask: torch.Tensor | None) -> torch.Tensor:
-        if state is not None and x.shape[1] == 1 and mask is None and (y := self.fused_step(x, state)) is not None:
-            return y
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
         xs = self.conv1d.conv(xs, None if state is None else state.conv, mask)
         if mask is not None:
@@ -125,23 +120,6 @@ class SelectiveSSM(KeepFloat32, FusedStep, SequenceLayer):
             if state is not None:
                 state.ssm.copy_(final)
         return self.out_proj(y)
-
-    def fused_call(
-        self, x: torch.Tensor, state: SSMState, block_norm: RMSNorm | None = None
-    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """Decode's step as one C++ call, x (b, 1, d) -> (b, 1, d): the same computation as ``forward`` with
-        ``state``, or with ``block_norm`` that of a pre-norm residual block, x + forward(block_norm(x)). Checked
-        for inputs like x (see fused_step_kernels); None where it may not run."""
-        conv, in_proj, x_proj, dt_proj, out_proj = self.conv1d, self.in_proj, self.x_proj, self.dt_proj, self.out_proj
-        params = (
-            in_proj.weight, in_proj.bias, conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias,
-            self.A_log, self.D, out_proj.weight, out_proj.bias,
-        )  # fmt: skip
-        inner = ((in_proj, Linear), (conv, CausalConv1d), (x_proj, Linear), (dt_proj, Linear), (out_proj, Linear))
-        if (ops := fused_step_kernels(self, x, state, params, inner, block_norm)) is None:
-            return None
-        args = (state.conv, state.ssm, *params, *block_norm_args(block_norm))
-        return lambda x: ops.selective_ssm_step(x, *args)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}"

@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check_positive
-from ..ops.ssd import ssd_chunked, ssd_step
+from ..ops import ssd_scan, ssd_step
 from ..state import SSMState
 from ._entry import SequenceLayer
-from ._fused_step import FusedStep, block_norm_args, fused_step_kernels
 from ._init import KeepFloat32, at_least_float32, dt_bias_init
 from ._local import local
 from .conv import CausalConv1d
 from .linear import Linear
-from .norm import GatedRMSNorm, RMSNorm
-
-TORCH_CHUNK_SIZE = 64  # chunk of the torch SSD path: 64 ran 3.5x faster than 256 on a 2-core CPU
+from .norm import GatedRMSNorm
 
 
-class SSD(KeepFloat32, FusedStep, SequenceLayer):
+class SSD(KeepFloat32, SequenceLayer):
     """Mamba2 mixer: in_proj -> [z | x | B | C | dt]; causal conv + silu over [x | B | C];
     SSD scan with one decay per head; gated RMS norm with z (per group); out_proj.
 
@@ -31,8 +27,8 @@ class SSD(KeepFloat32, FusedStep, SequenceLayer):
     head_dim p; B and C have n_groups g, each shared by h / g heads; state size n = d_state.
     A_log, D and dt_bias stay float32 when the layer is cast; the scan runs in float32.
     State: ``SSMState(conv (b, e + 2 g n, d_conv - 1), ssm (b, h, p, n))``, ssm in ``state_dtype``.
-    ``chunk_size`` is the chunk of the chunked algorithm; the torch path caps it at 64, the fastest on CPU
-    (docs/benchmarks.md). The chunk changes the order of the arithmetic, never the result.
+    ``chunk_size``: the chunk of the chunked algorithm, or None for each implementation's own (the torch
+    path's is 64, its fastest on CPU). The chunk changes the order of the arithmetic, never the result.
     """
 
     state_type = SSMState
@@ -46,7 +42,7 @@ class SSD(KeepFloat32, FusedStep, SequenceLayer):
         expand: int = 2,
         head_dim: int = 64,
         n_groups: int = 1,
-        chunk_size: int = 256,
+        chunk_size: int | None = None,
         dt_min: float = 0.001,
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
@@ -70,8 +66,9 @@ class SSD(KeepFloat32, FusedStep, SequenceLayer):
             expand=expand,
             head_dim=head_dim,
             n_groups=n_groups,
-            chunk_size=chunk_size,
         )
+        if chunk_size is not None:
+            check_positive("SSD", chunk_size=chunk_size)
         e = expand * d_model
         if e % head_dim:
             raise ValueError(f"SSD: head_dim={head_dim} must divide d_inner = expand * d_model = {e}")
@@ -130,8 +127,6 @@ class SSD(KeepFloat32, FusedStep, SequenceLayer):
     def _mix(self, x: torch.Tensor, state: SSMState | None, mask: torch.Tensor | None) -> torch.Tensor:
         b, l, _ = x.shape
         h, p, g, n = self.n_heads, self.head_dim, self.n_groups, self.d_state
-        if state is not None and l == 1 and mask is None and (y := self.fused_step(x, state)) is not None:
-            return y
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, h], dim=-1)
         xbc = self.conv1d.conv(xbc, None if state is None else state.conv, mask)
         xs, B, C = xbc.split([self.d_inner, g * n, g * n], dim=-1)
@@ -145,32 +140,12 @@ class SSD(KeepFloat32, FusedStep, SequenceLayer):
         if state is not None and l == 1:
             y = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.ssm, D)[:, None]
         else:
-            chunk = min(self.chunk_size, TORCH_CHUNK_SIZE)
-            y, final = ssd_chunked(
-                xs, dt, A, B, C, D, initial_state=None if state is None else state.ssm, chunk_size=chunk
-            )
+            initial = None if state is None else state.ssm
+            y, final = ssd_scan(xs, dt, A, B, C, D, initial_state=initial, chunk_size=self.chunk_size)
             if state is not None:
                 state.ssm.copy_(final)
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y)
-
-    def fused_call(
-        self, x: torch.Tensor, state: SSMState, block_norm: RMSNorm | None = None
-    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """Decode's step as one C++ call, x (b, 1, d) -> (b, 1, d): the same computation as ``forward`` with
-        ``state``, or with ``block_norm`` that of a pre-norm residual block, x + forward(block_norm(x)). Checked
-        for inputs like x (see fused_step_kernels); None where it may not run."""
-        conv, gated, in_proj, out_proj = self.conv1d, self.norm, self.in_proj, self.out_proj
-        mixing = (in_proj.weight, in_proj.bias, conv.weight, conv.bias, self.dt_bias, self.A_log, self.D)
-        output = (out_proj.weight, out_proj.bias)
-        inner = ((in_proj, Linear), (conv, CausalConv1d), (gated, GatedRMSNorm), (out_proj, Linear))
-        if (ops := fused_step_kernels(self, x, state, (*mixing, gated.weight, *output), inner, block_norm)) is None:
-            return None
-        args = (
-            state.conv, state.ssm, *mixing, *self.dt_limit, gated.weight, gated.eps, gated.group_size,
-            gated.norm_before_gate, *output, *block_norm_args(block_norm),
-        )  # fmt: skip
-        return lambda x: ops.ssd_mixer_step(x, *args)
 
     def extra_repr(self) -> str:
         return (

@@ -1,19 +1,33 @@
-"""Functional ops: each has a sequential ``*_ref`` and a fast torch path (no loop over time steps)."""
+"""Functional ops. Each module holds an op's sequential ``*_ref`` (the tests' oracle) and its torch
+implementation ``*_torch``; the names below are the ops themselves, which run the implementation that
+``ssmblocks.backends`` picks for each call (see ``ssmblocks/backends/registry.py``)."""
 
-from .conv import causal_conv1d, causal_conv1d_ref
-from .norm import gated_rms_norm, rms_norm
-from .selective_scan import selective_scan, selective_scan_ref, selective_scan_step
-from .ssd import ssd_chunked, ssd_ref, ssd_step
+from ..backends.registry import (
+    causal_conv1d,
+    causal_conv1d_step,
+    gated_rms_norm,
+    linear,
+    rms_norm,
+    selective_scan,
+    selective_scan_step,
+    ssd_scan,
+    ssd_step,
+)
+from .conv import causal_conv1d_ref
+from .selective_scan import selective_scan_ref
+from .ssd import ssd_ref
 
 __all__ = [
     "causal_conv1d",
     "causal_conv1d_ref",
+    "causal_conv1d_step",
     "gated_rms_norm",
+    "linear",
     "rms_norm",
     "selective_scan",
     "selective_scan_ref",
     "selective_scan_step",
-    "ssd_chunked",
     "ssd_ref",
+    "ssd_scan",
     "ssd_step",
 ]

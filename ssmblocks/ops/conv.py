@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernel import cpu_kernels_may_run, cpu_ops
-
 
 def causal_conv1d_ref(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
@@ -23,7 +21,7 @@ def causal_conv1d_ref(
     return F.silu(y) if activation == "silu" else y
 
 
-def causal_conv1d(
+def causal_conv1d_torch(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -39,21 +37,7 @@ def causal_conv1d(
     real token of each row. Outputs at padded positions are unspecified.
     Returns (b, l, c) in x's dtype.
     """
-    b, l, c = x.shape
-    k = weight.shape[-1]
-    tensors = [t for t in (x, weight, bias, conv_state) if t is not None]
-    if (
-        mask is None
-        and x.dtype in (torch.float32, torch.float64)
-        and all(t.dtype == x.dtype for t in tensors)
-        and (conv_state is None or conv_state.is_contiguous())
-        and cpu_kernels_may_run(*tensors)
-        and (ops := cpu_ops()) is not None
-    ):  # on the CPU without autograd: one C++ pass (cpu_kernels.cpp)
-        if l == 1 and conv_state is not None:  # decode's one token
-            return ops.causal_conv1d_step(x[:, 0], conv_state, weight[:, 0], bias, activation == "silu")[:, None]
-        if k <= 4:
-            return ops.causal_conv1d(x, weight[:, 0], bias, conv_state, activation == "silu")
+    l, k = x.shape[1], weight.shape[-1]
     if conv_state is None:
         if mask is not None:
             x = x * mask[..., None]
@@ -67,6 +51,23 @@ def causal_conv1d(
     y = full[:, :l] * taps[:, 0] if bias is None else torch.addcmul(bias.to(x.dtype), full[:, :l], taps[:, 0])
     for j in range(1, k):
         y.addcmul_(full[:, j : j + l], taps[:, j])
+    return F.silu(y) if activation == "silu" else y
+
+
+def causal_conv1d_step_torch(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """One token of ``causal_conv1d``. x: (b, c); conv_state: (b, c, k - 1) the preceding inputs, shifted in
+    place to end with x; weight: (c, 1, k); bias: (c,). Returns (b, c) in x's dtype."""
+    window = torch.cat([conv_state.to(x.dtype), x[:, :, None]], dim=-1)  # (b, c, k)
+    conv_state.copy_(window[:, :, 1:])
+    y = (window * weight[:, 0].to(x.dtype)).sum(-1)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
     return F.silu(y) if activation == "silu" else y
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernel import cpu_kernels_may_run, cpu_ops
 from .ssd import update_state
 
 # Largest |log decay| inside one chunk for which exp(+-log decay) is safe in float32, backward included.
@@ -46,22 +45,21 @@ def selective_scan_ref(x, dt, A, B, C, D=None, z=None, initial_state=None):
     return y.to(x.dtype), h
 
 
-def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: int = 16):
+CHUNK_SIZE = 16  # steps per chunk of the torch path when none is given
+
+
+def selective_scan_torch(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: int | None = None):
     """Chunked selective scan: a Python loop over chunks only (state passed between them).
 
     Inside a chunk of c steps, with cumulative log decay L_t = A * sum_{r<=t} dt_r (relative to the chunk
     start), the states are h_t = exp(L_t) * (h_start + cumsum_s(exp(-L_s) * u_s)), u_s = dt_s x_s B_s, the
     cumulative sum being a matmul with a triangle of ones. That factorisation needs |L| small enough for
     exp(-L); a chunk that decays further than that gets its states from a log-depth (Hillis-Steele) scan
-    instead, which only multiplies decays <= 1. Without autograd the loop runs in place in reused buffers,
-    and on the CPU the fused C++ kernel (cpu_kernels.cpp, one pass over time) replaces it when it
-    builds. Returns (y, final_state).
+    instead, which only multiplies decays <= 1. Without autograd the loop runs in place in reused buffers.
+    chunk_size: c (None: ``CHUNK_SIZE``). Returns (y, final_state).
     """
     wd = _work_dtype(x)
-    inputs = (x, dt, A, B, C, D, z, initial_state)
-    if cpu_kernels_may_run(*inputs) and (ops := cpu_ops()) is not None:
-        y, h = ops.selective_scan(*(None if t is None else t.to(wd) for t in inputs))
-        return y.to(x.dtype), h
+    chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
     b, l, e = x.shape
     A, xw, dt, B, C = A.to(wd), x.to(wd), dt.to(wd), B.to(wd), C.to(wd)
     h = x.new_zeros(b, e, A.shape[-1], dtype=wd) if initial_state is None else initial_state.to(wd, copy=True)
@@ -135,21 +133,9 @@ def _chunk_states_log_depth(decay, u, h, dim: int = 1):
     return decay * h.unsqueeze(dim) + u
 
 
-def selective_scan_step(x, dt, A, B, C, state, D=None, z=None):
-    """One token. x, dt, z: (b, e); B, C: (b, n); state: (b, e, n), updated in place. Returns y: (b, e).
-
-    Without autograd on the CPU, with a contiguous state in the working dtype, the fused C++ kernel runs
-    instead when it builds."""
+def selective_scan_step_torch(x, dt, A, B, C, state, D=None, z=None):
+    """One token. x, dt, z: (b, e); B, C: (b, n); state: (b, e, n), updated in place. Returns y: (b, e)."""
     wd = _work_dtype(x)
-    inputs = (x, dt, A, B, C, D, z)
-    if (
-        state.dtype == wd
-        and state.is_contiguous()
-        and cpu_kernels_may_run(*inputs, state)
-        and (ops := cpu_ops()) is not None
-    ):
-        x, dt, A, B, C, D, z = (t if t is None or t.dtype == wd else t.to(wd) for t in inputs)
-        return ops.selective_scan_step(x, dt, A, B, C, state, D, z).to(inputs[0].dtype)
     xw = x.to(wd)
     dt = dt.to(wd)
     h = update_state(state, torch.exp(dt[..., None] * A.to(wd)), (dt * xw)[..., None], B.to(wd)[:, None, :])

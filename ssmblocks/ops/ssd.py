@@ -13,8 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernel import cpu_kernels_may_run, cpu_ops
-
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -70,26 +68,23 @@ def _decay_matrix(a_cum: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.exp(diff.masked_fill_(~causal, -torch.inf))
 
 
-def ssd_chunked(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: int = 64):
+CHUNK_SIZE = 64  # the torch path's chunk when none is given: 3.5x faster than 256 on CPU (docs/benchmarks.md)
+
+
+def ssd_scan_torch(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: int | None = None):
     """The chunked SSD algorithm: quadratic inside a chunk, linear (state passing) across chunks.
 
     Per chunk of c steps: (1) outputs from inputs of the same chunk through the masked decay matrix,
     (2) each chunk's end state from its own inputs, (3) chunk start states by passing the state from
     chunk to chunk, (4) outputs from the chunk start state (3 and 4 in one loop over chunks). The tail is
-    zero-padded with dt = 0, which leaves the final state unchanged. Without autograd on the CPU the C++
-    ``ssd_scan`` (cpu_kernels.cpp: the recurrence one time step after another, each head's state in the
-    caches) replaces it when it builds. Returns (y, final_state).
+    zero-padded with dt = 0, which leaves the final state unchanged. chunk_size: c (None: ``CHUNK_SIZE``);
+    it changes the order of the arithmetic, never the result. Returns (y, final_state).
     """
     wd = _work_dtype(x)
-    inputs = (x, dt, A, B, C, D, initial_state)
-    if cpu_kernels_may_run(*inputs, z) and (ops := cpu_ops()) is not None:
-        y, state = ops.ssd_scan(*(None if t is None else t.to(wd) for t in inputs))
-        y = y if z is None else y * F.silu(z.to(wd))
-        return y.to(x.dtype), state
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
-    c = chunk_size
+    c = CHUNK_SIZE if chunk_size is None else chunk_size
     pad = -l % c
     k = (l + pad) // c
 
@@ -129,7 +124,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: 
     return y.to(x.dtype), state.reshape(b, h, p, n)
 
 
-def ssd_step(x, dt, A, B, C, state, D=None, z=None):
+def ssd_step_torch(x, dt, A, B, C, state, D=None, z=None):
     """One token. x, z: (b, h, p); dt: (b, h); B, C: (b, g, n); state: (b, h, p, n), updated in place.
 
     Returns y: (b, h, p).

@@ -1,17 +1,16 @@
-"""causal_conv1d against causal_conv1d_ref, and the carried conv_state: one call == chunks == token by token.
+"""causal_conv1d and causal_conv1d_step against causal_conv1d_ref, and the carried conv_state: one call == chunks
+== token by token.
 
 Shapes as in ssmblocks.ops.conv: x: (b, l, c); weight: (c, 1, k); bias: (c,); conv_state: (b, c, k - 1).
 """
 
 from __future__ import annotations
 
-import importlib
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from ssmblocks.ops import causal_conv1d, causal_conv1d_ref
+from ssmblocks import backends
+from ssmblocks.ops import causal_conv1d, causal_conv1d_ref, causal_conv1d_step
 from tests.helpers import assert_close
 
 TOL64 = 1e-12
@@ -114,41 +113,45 @@ def test_float32_state_with_bfloat16_input(l):
 @pytest.mark.parametrize("l", [1, 2, 37])
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cpu_kernels_match_the_torch_path(monkeypatch, k, l, state, dtype):
-    """Without autograd, on the CPU, the C++ kernels run (the one-token step when a state is carried, the
-    sequence kernel otherwise): same outputs and final state as the torch path, which autograd takes. x is
-    strided (a slice of a projection's output, as in the mixers); 37 channels leave a partial vector."""
-    conv = importlib.import_module("ssmblocks.ops.conv")
-    ops = conv.cpu_ops()
-    if ops is None:
-        pytest.skip("the C++ CPU kernels did not build")
-    calls = []
-
-    def spy(name):
-        return lambda *args: calls.append(name) or getattr(ops, name)(*args)
-
-    kernels = SimpleNamespace(causal_conv1d=spy("causal_conv1d"), causal_conv1d_step=spy("causal_conv1d_step"))
-    monkeypatch.setattr(conv, "cpu_ops", lambda: kernels)
+def test_cpu_kernel_matches_the_torch_path(kernel_calls, k, l, state, dtype):
+    """Without autograd, on the CPU, the C++ sequence kernel runs: same outputs and final state as the torch
+    implementation. x is strided (a slice of a projection's output, as in the mixers); 37 channels leave a
+    partial vector."""
     x = torch.randn(3, l, 74, dtype=dtype)[..., :37]
     weight, bias = torch.randn(37, 1, k, dtype=dtype), torch.randn(37, dtype=dtype)
     carried = torch.randn(3, 37, k - 1, dtype=dtype) if state else None
     torch_state = carried.clone() if state else None
     y = causal_conv1d(x, weight, bias, "silu", conv_state=carried)
-    expected = causal_conv1d(x, weight.requires_grad_(), bias, "silu", conv_state=torch_state).detach()
-    assert calls == ["causal_conv1d_step" if l == 1 and state else "causal_conv1d"]
+    with backends.use("torch"):
+        expected = causal_conv1d(x, weight, bias, "silu", conv_state=torch_state)
+    assert kernel_calls == ["causal_conv1d"]
     assert_close(y, expected, TOL64 if dtype == torch.float64 else TOL32, "y")
     if state:
         assert torch.equal(carried, torch_state), "conv_state"
 
 
-def test_bfloat16_and_wide_convs_take_the_torch_path(monkeypatch):
-    conv = importlib.import_module("ssmblocks.ops.conv")
+@pytest.mark.parametrize("activation", ACTIVATIONS.values(), ids=ACTIVATIONS.keys())
+@pytest.mark.parametrize("bias", BIASES.values(), ids=BIASES.keys())
+@pytest.mark.parametrize("k", [1, 2, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_step_token_by_token_matches_reference(backend, dtype, k, bias, activation):
+    """causal_conv1d_step on every backend, fed a sequence one token at a time: the reference's outputs, and
+    the state ends as the last k - 1 inputs. x strided; 37 channels leave a partial vector."""
+    x = torch.randn(2, 6, 74, dtype=dtype)[..., :37]
+    weight, b = torch.randn(37, 1, k, dtype=dtype), torch.randn(37, dtype=dtype) if bias else None
+    state = torch.zeros(2, 37, k - 1, dtype=dtype)
+    with backends.record() as calls:
+        ys = [causal_conv1d_step(x[:, t], state, weight, b, activation) for t in range(6)]
+    assert {backend for _, backend in calls} == {backend}
+    expected = causal_conv1d_ref(x.double(), weight.double(), None if b is None else b.double(), activation)
+    assert_close(torch.stack(ys, dim=1), expected, TOL64 if dtype == torch.float64 else TOL32, "y")
+    assert torch.equal(state, x[:, 6 - (k - 1) :].transpose(1, 2)) if k > 1 else state.numel() == 0
 
-    def fail(*args):
-        pytest.fail("a C++ kernel was called")
 
-    monkeypatch.setattr(conv, "cpu_ops", lambda: SimpleNamespace(causal_conv1d=fail, causal_conv1d_step=fail))
+def test_bfloat16_and_wide_convs_take_the_torch_path(kernel_calls):
     x, weight, b = conv_inputs(2, 5, 3, 4, True, torch.bfloat16)
     causal_conv1d(x, weight, b, conv_state=torch.zeros(2, 3, 3, dtype=torch.bfloat16))
+    causal_conv1d_step(x[:, 0], torch.zeros(2, 3, 3, dtype=torch.bfloat16), weight, b)
     x, weight, b = conv_inputs(2, 5, 3, 5, True)
     assert_close(causal_conv1d(x, weight, b), causal_conv1d_ref(x, weight, b), TOL64)
+    assert kernel_calls == []

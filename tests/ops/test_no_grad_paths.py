@@ -1,18 +1,15 @@
 """The in-place path selective_scan takes without autograd equals the reference and the autograd path."""
 
-import importlib
-
 import pytest
 import torch
 
-from ssmblocks.ops.selective_scan import selective_scan, selective_scan_ref
+from ssmblocks.ops import selective_scan, selective_scan_ref
 from tests.helpers import assert_close
 
 
 @pytest.fixture(autouse=True)
-def torch_path(monkeypatch):
-    """The torch path; the C++ kernel that replaces it on the CPU is tested in test_selective_scan_cpu_kernel.py."""
-    monkeypatch.setattr(importlib.import_module("ssmblocks.ops.selective_scan"), "cpu_ops", lambda: None)
+def torch_only(torch_path):
+    """The torch implementation; the C++ one is tested in test_selective_scan_cpu_kernel.py."""
 
 
 def _inputs(b=2, l=29, e=6, n=5, dt_scale=0.5):

@@ -1,9 +1,7 @@
 """rms_norm and gated_rms_norm against plain float64 formulas, grouped and ungrouped, and their output dtypes;
-each test on both paths: the C++ kernel (float32 and float64 without autograd on the CPU) and torch's."""
+each test on every backend present (the C++ kernel runs float32 and float64 without autograd on the CPU)."""
 
 from __future__ import annotations
-
-import importlib
 
 import pytest
 import torch
@@ -21,11 +19,10 @@ GROUPS = {"ungrouped": None, "group_24_is_d": 24, "group_12": 12, "group_8": 8, 
 SCALES_EPS = {"unit_eps1e-5": (1.0, 1e-5), "small_eps1e-5": (1e-3, 1e-5), "unit_eps0.1": (1.0, 0.1)}
 
 
-@pytest.fixture(autouse=True, params=["cpu_kernel", "torch"])
-def path(request, monkeypatch):
-    if request.param == "torch":
-        monkeypatch.setattr(importlib.import_module("ssmblocks.ops.norm"), "cpu_ops", lambda: None)
-    return request.param
+@pytest.fixture(autouse=True)
+def path(backend):
+    """Every test on each backend of this machine."""
+    return backend
 
 
 def rms_formula(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None) -> torch.Tensor:

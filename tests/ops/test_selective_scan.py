@@ -21,10 +21,9 @@ SCAN = importlib.import_module("ssmblocks.ops.selective_scan")
 
 
 @pytest.fixture(autouse=True)
-def torch_path(monkeypatch):
-    """These tests hold the torch paths; the C++ kernel that replaces the no-grad one on the CPU is tested
-    in test_selective_scan_cpu_kernel.py."""
-    monkeypatch.setattr(SCAN, "cpu_ops", lambda: None)
+def torch_only(torch_path):
+    """These tests hold the torch implementations; the C++ one that may replace them is tested in
+    test_selective_scan_cpu_kernel.py."""
 
 
 TOL64 = 1e-10  # float64 fast path vs float64 reference

@@ -10,19 +10,15 @@ n = 5 and 20 leave values for its scalar tail.
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import pytest
 import torch
 import torch.utils.cpp_extension
 
-from ssmblocks.ops.cpu_kernel import cpu_ops
-from ssmblocks.ops.selective_scan import selective_scan, selective_scan_ref, selective_scan_step
+from ssmblocks.backends.cpp_kernels import library
+from ssmblocks.ops import selective_scan, selective_scan_ref, selective_scan_step
 from tests.helpers import assert_close, step_through
-
-# ``ssmblocks.ops.selective_scan`` names the function (re-exported), so reach the module through importlib.
-SCAN = importlib.import_module("ssmblocks.ops.selective_scan")
 
 TOL = {torch.float64: 1e-12, torch.float32: 5e-6}  # relative to the largest |value|, vs the float64 reference
 SHAPES = {  # (b, l, e, n): l never a multiple of 16, e odd
@@ -32,24 +28,6 @@ SHAPES = {  # (b, l, e, n): l never a multiple of 16, e odd
     "b2_l19_e33_n5": (2, 19, 33, 5),
 }
 FEATURES = {"bare": (), "D": ("D",), "z": ("z",), "h0": ("h0",), "D_z_h0": ("D", "z", "h0")}
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch, kernel):
-    """Routes selective_scan's kernel through a spy; returns the list of calls."""
-    calls = []
-
-    class Spy:
-        def selective_scan(self, *args):
-            calls.append("scan")
-            return kernel.selective_scan(*args)
-
-        def selective_scan_step(self, *args):
-            calls.append("step")
-            return kernel.selective_scan_step(*args)
-
-    monkeypatch.setattr(SCAN, "cpu_ops", lambda: Spy())
-    return calls
 
 
 def scan_inputs(b, l, e, n, features=("D", "z", "h0"), dt_scale=0.5, a_max=4.0, dtype=torch.float64):
@@ -84,7 +62,7 @@ def test_kernel_matches_reference(shape, features, dtype, kernel_calls):
     before = kw.get("initial_state", torch.empty(0)).clone()
     with torch.no_grad():
         y, h = selective_scan(**kw)
-    assert kernel_calls == ["scan"]
+    assert kernel_calls == ["selective_scan"]
     assert y.dtype == h.dtype == dtype
     ref_y, ref_h = reference(kw)
     assert_close(y, ref_y, TOL[dtype], "y")
@@ -99,7 +77,7 @@ def test_extreme_decays(dt_scale, dtype, kernel_calls):
     kw = scan_inputs(2, 37, 45, 16, dt_scale=dt_scale, a_max=16.0, dtype=dtype)
     with torch.inference_mode():
         y, h = selective_scan(**kw)
-    assert kernel_calls == ["scan"]
+    assert kernel_calls == ["selective_scan"]
     ref_y, ref_h = reference(kw)
     assert_close(y, ref_y, TOL[dtype], "y")
     assert_close(h, ref_h, TOL[dtype], "final state")
@@ -117,7 +95,7 @@ def test_strided_and_mixed_dtype_inputs(kernel_calls):
     with torch.no_grad():
         y, h = selective_scan(**kw)
         y16, _ = selective_scan(**{**kw, "x": kw["x"].bfloat16(), "z": kw["z"].bfloat16()})
-    assert kernel_calls == ["scan", "scan"]
+    assert kernel_calls == ["selective_scan", "selective_scan"]
     ref_y, ref_h = reference(kw)
     assert_close(y, ref_y, TOL[torch.float32], "y")
     assert_close(h, ref_h, TOL[torch.float32], "final state")
@@ -155,7 +133,7 @@ def test_step_kernel_matches_reference(shape, features, dtype, kernel_calls):
     ref_y, ref_h = reference({**kw, "initial_state": state.clone()})
     with torch.no_grad():
         y = step_through(selective_scan_step, kw, state)
-    assert kernel_calls == ["step"] * 6
+    assert kernel_calls == ["selective_scan_step"] * 6
     assert state.data_ptr() == buffer
     assert y.dtype == dtype
     assert_close(y, ref_y, TOL[dtype], "y")
@@ -169,7 +147,7 @@ def test_step_kernel_in_parallel(kernel_calls):
     ref_y, ref_h = reference({**kw, "initial_state": state.clone()})
     with torch.inference_mode():
         y = step_through(selective_scan_step, kw, state)
-    assert kernel_calls == ["step"] * 2
+    assert kernel_calls == ["selective_scan_step"] * 2
     assert_close(y, ref_y, TOL[torch.float32], "y")
     assert_close(state, ref_h, TOL[torch.float32], "state")
 
@@ -206,10 +184,10 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    cpu_ops.cache_clear()
+    library.cache_clear()
     try:
         with pytest.warns(UserWarning, match="could not be built.*no C\\+\\+ compiler"):
-            assert cpu_ops() is None
+            assert library() is None
         kw = scan_inputs(2, 9, 3, 4)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the second call is cached: no second warning
@@ -219,4 +197,4 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         assert_close(y, ref_y, 1e-10, "y")
         assert_close(h, ref_h, 1e-10, "final state")
     finally:
-        cpu_ops.cache_clear()  # the next caller loads the real build again
+        library.cache_clear()  # the next caller loads the real build again

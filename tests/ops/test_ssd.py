@@ -1,4 +1,4 @@
-"""ssd_chunked and ssd_step against the sequential reference ssd_ref.
+"""ssd_scan and ssd_step against the sequential reference ssd_ref.
 
 Shapes as in ssmblocks.ops.ssd: x, z: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n);
 D: (h,) or (h, p); initial_state: (b, h, p, n).
@@ -7,12 +7,11 @@ D: (h,) or (h, p); initial_state: (b, h, p, n).
 from __future__ import annotations
 
 import functools
-import importlib
 
 import pytest
 import torch
 
-from ssmblocks.ops import ssd_chunked, ssd_ref, ssd_step
+from ssmblocks.ops import ssd_ref, ssd_scan, ssd_step
 from tests.helpers import assert_close, step_through
 
 TOL64 = 1e-10  # float64 fast path vs float64 reference
@@ -42,10 +41,9 @@ DIFFERENTIABLE = ("x", "dt", "A", "B", "C", "D", "z", "initial_state")
 
 
 @pytest.fixture(autouse=True)
-def torch_path(monkeypatch):
-    """These tests hold the torch paths; the C++ kernel that replaces ssd_chunked without autograd on the CPU is
-    tested in test_ssd_cpu_kernel.py."""
-    monkeypatch.setattr(importlib.import_module("ssmblocks.ops.ssd"), "cpu_ops", lambda: None)
+def torch_only(torch_path):
+    """These tests hold the torch implementations; the C++ one that may replace ssd_scan is tested in
+    test_ssd_cpu_kernel.py."""
 
 
 def ssd_inputs(
@@ -121,7 +119,7 @@ def test_reference_and_fast_path_follow_the_closed_form(h, g, features):
     """Fast path and reference share helpers, so both are also held to the unrolled formula of the docstring."""
     kw = ssd_inputs(2, 6, h, g, 3, 4, features)
     expected_y, expected_s = closed_form(**kw)
-    for name, fn in (("reference", ssd_ref), ("fast path", functools.partial(ssd_chunked, chunk_size=4))):
+    for name, fn in (("reference", ssd_ref), ("fast path", functools.partial(ssd_scan, chunk_size=4))):
         y, s = fn(**kw)
         assert_close(y, expected_y, TOL64, f"{name} y")
         assert_close(s, expected_s, TOL64, f"{name} final state")
@@ -133,7 +131,7 @@ def test_reference_and_fast_path_follow_the_closed_form(h, g, features):
 def test_forward_float64_matches_reference(l, h, g, p, n, features):
     kw = ssd_inputs(2, l, h, g, p, n, features)
     ref_y, ref_s = ssd_ref(**kw)
-    y, s = ssd_chunked(**kw, chunk_size=CHUNK)
+    y, s = ssd_scan(**kw, chunk_size=CHUNK)
     assert y.dtype == torch.float64
     assert_close(y, ref_y, TOL64, "y")
     assert_close(s, ref_s, TOL64, "final state")
@@ -145,7 +143,7 @@ def test_forward_float64_matches_reference(l, h, g, p, n, features):
 def test_forward_float32_matches_float64_reference(l, h, g, p, n, features):
     kw32 = cast(ssd_inputs(2, l, h, g, p, n, features), torch.float32)
     ref_y, ref_s = ssd_ref(**cast(kw32, torch.float64))
-    y, s = ssd_chunked(**kw32, chunk_size=CHUNK)
+    y, s = ssd_scan(**kw32, chunk_size=CHUNK)
     assert y.dtype == torch.float32
     assert_close(y, ref_y, TOL32, "y")
     assert_close(s, ref_s, TOL32, "final state")
@@ -154,7 +152,7 @@ def test_forward_float32_matches_float64_reference(l, h, g, p, n, features):
 def test_bfloat16_input_returns_bfloat16():
     kw = cast(ssd_inputs(1, 11, 4, 2, 3, 5), torch.bfloat16)
     ref_y, ref_s = ssd_ref(**cast(kw, torch.float64))
-    y, s = ssd_chunked(**kw, chunk_size=CHUNK)
+    y, s = ssd_scan(**kw, chunk_size=CHUNK)
     assert y.dtype == torch.bfloat16
     assert_close(y, ref_y, 1e-2, "y")  # bfloat16 keeps 8 significant bits
     assert_close(s, ref_s, TOL32, "final state")  # the state stays in float32
@@ -171,7 +169,7 @@ def test_long_sequence_with_huge_cumulative_decay(chunk_size, dtype):
     cumulative = (kw["dt"].double() * kw["A"].double()).cumsum(1)
     assert cumulative.min() < -3000, "the case must reach a huge cumulative decay"
     ref_y, ref_s = ssd_ref(**cast(kw, torch.float64))
-    y, s = ssd_chunked(**kw, chunk_size=chunk_size)
+    y, s = ssd_scan(**kw, chunk_size=chunk_size)
     assert torch.isfinite(y).all() and torch.isfinite(s).all()
     tol = TOL64 if dtype == torch.float64 else TOL32
     for head in range(4):  # each head on its own scale: the slow heads' large outputs would hide the fast ones
@@ -179,7 +177,7 @@ def test_long_sequence_with_huge_cumulative_decay(chunk_size, dtype):
         assert_close(s[:, head], ref_s[:, head], tol, f"final state of head {head}")
     # gradients too: finite (no inf * 0 from the masked decay matrix), and equal to the reference's in float64
     gy, gs = torch.randn_like(ref_y), torch.randn_like(ref_s)
-    actual = grads(ssd_chunked, cast(kw, dtype, requires_grad=True), gy, gs, chunk_size=chunk_size)
+    actual = grads(ssd_scan, cast(kw, dtype, requires_grad=True), gy, gs, chunk_size=chunk_size)
     for name, g in actual.items():
         assert torch.isfinite(g).all(), f"non-finite gradient for {name}"
     if dtype == torch.float64:
@@ -191,7 +189,7 @@ def test_long_sequence_with_huge_cumulative_decay(chunk_size, dtype):
 def test_initial_state_is_not_modified():
     kw = ssd_inputs(2, 11, 4, 2, 3, 5)
     before = kw["initial_state"].clone()
-    ssd_chunked(**kw, chunk_size=CHUNK)
+    ssd_scan(**kw, chunk_size=CHUNK)
     assert torch.equal(kw["initial_state"], before)
 
 
@@ -207,7 +205,7 @@ def test_gradients_match_reference(l, chunk_size, features):
     kw = ssd_inputs(2, l, 4, 2, 3, 5, features)
     gy, gs = torch.randn(2, l, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, 5, dtype=torch.float64)
     expected = grads(ssd_ref, cast(kw, torch.float64, requires_grad=True), gy, gs)
-    actual = grads(ssd_chunked, cast(kw, torch.float64, requires_grad=True), gy, gs, chunk_size=chunk_size)
+    actual = grads(ssd_scan, cast(kw, torch.float64, requires_grad=True), gy, gs, chunk_size=chunk_size)
     assert set(actual) == {k for k in DIFFERENTIABLE if k in kw}
     for name in actual:
         assert_close(actual[name], expected[name], TOL64, f"grad {name}")
@@ -217,7 +215,7 @@ def test_gradients_float32_match_float64_reference():
     kw32 = cast(ssd_inputs(2, 13, 4, 2, 3, 5, ("D_hp", "z", "h0")), torch.float32)
     gy, gs = torch.randn(2, 13, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, 5, dtype=torch.float64)
     expected = grads(ssd_ref, cast(kw32, torch.float64, requires_grad=True), gy, gs)
-    actual = grads(ssd_chunked, cast(kw32, torch.float32, requires_grad=True), gy, gs, chunk_size=CHUNK)
+    actual = grads(ssd_scan, cast(kw32, torch.float32, requires_grad=True), gy, gs, chunk_size=CHUNK)
     for name in actual:
         assert_close(actual[name], expected[name], TOL32_GRAD, f"grad {name}")
 
@@ -228,7 +226,7 @@ def test_gradcheck(d_shape):
     names = list(kw)
 
     def fn(*args):
-        return ssd_chunked(**dict(zip(names, args, strict=True)), chunk_size=2)
+        return ssd_scan(**dict(zip(names, args, strict=True)), chunk_size=2)
 
     assert torch.autograd.gradcheck(fn, tuple(kw.values()))
 
@@ -241,9 +239,9 @@ def test_gradcheck(d_shape):
 def test_chunk_size_does_not_change_results(chunk_size, dtype):
     """Any chunk size gives the results of the reference and of a single chunk over the whole sequence."""
     kw = cast(ssd_inputs(2, 20, 4, 2, 3, 5), dtype)
-    whole_y, whole_s = ssd_chunked(**kw, chunk_size=20)
+    whole_y, whole_s = ssd_scan(**kw, chunk_size=20)
     ref_y, ref_s = ssd_ref(**cast(kw, torch.float64))
-    y, s = ssd_chunked(**kw, chunk_size=chunk_size)
+    y, s = ssd_scan(**kw, chunk_size=chunk_size)
     tol = TOL64 if dtype == torch.float64 else TOL32
     assert_close(y, ref_y, tol, "y vs reference")
     assert_close(s, ref_s, tol, "final state vs reference")
@@ -285,7 +283,7 @@ def test_prefill_then_steps_matches_reference():
     sequence = ("x", "dt", "B", "C", "z")
     head = {k: v[:, :9] if k in sequence else v for k, v in kw.items()}
     tail = {k: v[:, 9:] if k in sequence else v for k, v in kw.items() if k != "initial_state"}
-    y_head, state = ssd_chunked(**head, chunk_size=4)
+    y_head, state = ssd_scan(**head, chunk_size=4)
     y_tail = step_through(ssd_step, tail, state)
     assert_close(torch.cat([y_head, y_tail], dim=1), ref_y, TOL64, "y")
     assert_close(state, ref_s, TOL64, "final state")

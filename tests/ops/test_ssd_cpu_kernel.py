@@ -1,4 +1,4 @@
-"""The C++ CPU kernel that ssd_chunked runs without autograd (ssd_scan: the recurrence one time step after
+"""The C++ CPU kernel that ssd_scan runs without autograd (ssd_scan: the recurrence one time step after
 another), against the float64 reference ssd_ref.
 
 It works on blocks of 256 bytes of a head's p columns (64 float32, 32 float64), so p = 70 has two blocks and a
@@ -7,16 +7,13 @@ partial one; with b = 2 the threads' shares of the (head, block) units cross bat
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
-from ssmblocks.ops import ssd_chunked, ssd_ref
+from ssmblocks.ops import ssd_ref, ssd_scan
 from tests.helpers import assert_close
 from tests.ops.test_ssd import FEATURES, cast, ssd_inputs
 
-SSD = importlib.import_module("ssmblocks.ops.ssd")
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 LAYOUTS = {  # (b, l, h, g, p, n)
     "b1_l1_h1_g1_p1_n1": (1, 1, 1, 1, 1, 1),
@@ -24,20 +21,6 @@ LAYOUTS = {  # (b, l, h, g, p, n)
     "b2_l21_h6_g3_p70_n16": (2, 21, 6, 3, 70, 16),
     "b1_l9_h2_g1_p64_n128": (1, 9, 2, 1, 64, 128),
 }
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch, kernel):
-    """Routes ssd_chunked's kernel through a spy; returns the list of calls."""
-    calls = []
-
-    class Spy:
-        def ssd_scan(self, *args):
-            calls.append(args)
-            return kernel.ssd_scan(*args)
-
-    monkeypatch.setattr(SSD, "cpu_ops", lambda: Spy())
-    return calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -50,7 +33,7 @@ def test_kernel_matches_reference(kernel_calls, layout, features, dtype):
     inputs = cast(kw, dtype)
     before = {k: v.clone() for k, v in inputs.items()}
     with torch.no_grad():
-        y, s = ssd_chunked(**inputs)
+        y, s = ssd_scan(**inputs)
     assert len(kernel_calls) == 1
     assert y.dtype == dtype and s.dtype == dtype
     assert_close(y, y_ref, TOL[dtype], "y")
@@ -68,7 +51,7 @@ def test_strided_inputs_and_long_decay(kernel_calls):
     assert not views["x"].is_contiguous()
     y_ref, s_ref = ssd_ref(**kw)
     with torch.no_grad():
-        y, s = ssd_chunked(**cast(views, torch.float32))
+        y, s = ssd_scan(**cast(views, torch.float32))
     assert len(kernel_calls) == 1
     assert_close(y, y_ref, 1e-5, "y")
     assert_close(s, s_ref, 1e-5, "final state")
@@ -76,8 +59,8 @@ def test_strided_inputs_and_long_decay(kernel_calls):
 
 def test_autograd_and_bfloat16_paths_keep_torch(kernel_calls):
     kw = ssd_inputs(1, 5, 2, 1, 3, 4)
-    ssd_chunked(**cast(kw, torch.float32, requires_grad=True))
+    ssd_scan(**cast(kw, torch.float32, requires_grad=True))
     with torch.no_grad():
-        y, _ = ssd_chunked(**cast(kw, torch.bfloat16))
+        y, _ = ssd_scan(**cast(kw, torch.bfloat16))
     assert y.dtype == torch.bfloat16
     assert len(kernel_calls) == 1  # bf16 runs it in float32 (the working dtype); autograd never

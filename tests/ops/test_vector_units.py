@@ -18,14 +18,14 @@ KERNEL_TESTS = [
     "tests/ops/test_conv.py",
     "tests/ops/test_linear.py",
     "tests/ops/test_norm.py",
-    "tests/layers/test_fused_step.py",
+    "tests/backends/test_plans.py",
 ]
 BYTES = {"avx2": 32, "baseline": 16}
 RUN = """
 import sys
 import pytest
-from ssmblocks.ops.cpu_kernel import cpu_ops
-bytes_ = cpu_ops().vector_bytes()
+from ssmblocks.backends.cpp_kernels import library
+bytes_ = library().vector_bytes()
 assert bytes_ == int(sys.argv[1]), f"the kernels use {bytes_}-byte vectors, expected {sys.argv[1]}"
 sys.exit(pytest.main(["-q", "-p", "no:randomly", "-p", "no:cacheprovider", *sys.argv[2:]]))
 """

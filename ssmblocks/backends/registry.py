@@ -1,0 +1,194 @@
+"""Every op's implementations, and the one rule that picks among them at each call.
+
+| op                   | torch (ssmblocks/ops, autograd)        | cpp (cpp_kernels.py: CPU, no autograd)   |
+|----------------------|----------------------------------------|------------------------------------------|
+| selective_scan       | selective_scan_torch (chunked)         | selective_scan (one pass over time)      |
+| selective_scan_step  | selective_scan_step_torch              | selective_scan_step (state contiguous,   |
+|                      |                                        |   in the working dtype)                  |
+| ssd_scan             | ssd_scan_torch (chunked)               | ssd_scan (one pass over time)            |
+| ssd_step             | ssd_step_torch                         | -                                        |
+| causal_conv1d        | causal_conv1d_torch                    | causal_conv1d (width <= 4, no mask)      |
+| causal_conv1d_step   | causal_conv1d_step_torch               | causal_conv1d_step                       |
+| rms_norm             | rms_norm_torch                         | rms_norm                                 |
+| gated_rms_norm       | gated_rms_norm_torch                   | gated_rms_norm                           |
+| linear               | torch.nn.functional.linear             | linear (2..16 rows)                      |
+
+Every cpp implementation also needs plain CPU tensors, no gradient through them, no torch.compile tracing and the
+kernels built; the float32/float64-only ones say so in their condition (cpp_kernels.py). The ``triton`` backend
+(CUDA kernels in ``kernels/``) has no op yet; it is a valid selection, under which every op runs its torch path.
+
+The rule. The selected backend (``use(name)``, else ``$SSMBLOCKS_BACKEND``, else "auto") names the candidates,
+tried in order; the first whose condition holds for the call's arguments runs:
+
+- "auto": triton, cpp, then torch (each accelerated backend's condition names its device);
+- "cpp" or "triton": that backend, then torch;
+- "torch": torch alone.
+
+torch always may run: it is the implementation with autograd and every other one's fallback. Whole decode steps
+(several ops in one C++ call, or a CUDA graph) are bound by ``plans.decode_plan`` under the same selection.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from ..ops.conv import causal_conv1d_step_torch, causal_conv1d_torch
+from ..ops.norm import gated_rms_norm_torch, rms_norm_torch
+from ..ops.selective_scan import selective_scan_step_torch, selective_scan_torch
+from ..ops.ssd import ssd_scan_torch, ssd_step_torch
+from . import cpp_kernels as cpp
+
+BACKENDS = ("torch", "cpp", "triton")
+SELECTIONS = ("auto", *BACKENDS)
+_CANDIDATES = {"auto": ("triton", "cpp"), "torch": (), "cpp": ("cpp",), "triton": ("triton",)}
+
+
+def _checked(name: str, where: str) -> str:
+    if name not in SELECTIONS:
+        raise ValueError(f"{where}: unknown backend {name!r}; expected one of {', '.join(SELECTIONS)}")
+    return name
+
+
+_selected = _checked(os.environ.get("SSMBLOCKS_BACKEND") or "auto", "SSMBLOCKS_BACKEND")
+_records: list[tuple[str, str]] | None = None
+
+
+def selected() -> str:
+    """The backend selection in force: "auto", "torch", "cpp" or "triton"."""
+    return _selected
+
+
+@contextmanager
+def use(name: str) -> Iterator[None]:
+    """Run the ops inside the block under backend selection ``name`` ("auto", "torch", "cpp", "triton")."""
+    global _selected
+    previous, _selected = _selected, _checked(name, "ssmblocks.backends.use")
+    try:
+        yield
+    finally:
+        _selected = previous
+
+
+@contextmanager
+def record() -> Iterator[list[tuple[str, str]]]:
+    """Collect ``(op name, backend)`` for every op call inside the block, in order (also the decode plans'
+    one-call steps: "selective_ssm_step", "ssd_mixer_step", "norm_linear")."""
+    global _records
+    previous, _records = _records, []
+    try:
+        yield _records
+    finally:
+        _records = previous
+
+
+def note(op: str, backend: str) -> None:
+    """Add ``(op, backend)`` to the records of an enclosing ``record()`` block, if any."""
+    if _records is not None:
+        _records.append((op, backend))
+
+
+def _always(*args, **kwargs) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of an op: ``fn`` and ``may_run``, which take the op's arguments."""
+
+    backend: str
+    fn: Callable
+    may_run: Callable[..., bool] = _always
+
+
+class Op:
+    """An op with its torch implementation and the ones that may replace it; calling the op runs the one that
+    ``choose`` picks for the arguments. Its docstring is the torch implementation's (the specification)."""
+
+    def __init__(self, name: str, torch_fn: Callable, *others: Implementation):
+        self.name = name
+        self.implementations = {"torch": Implementation("torch", torch_fn), **{i.backend: i for i in others}}
+        self.__doc__ = torch_fn.__doc__
+
+    def choose(self, *args, **kwargs) -> Implementation:
+        """The implementation a call with these arguments takes under the current selection."""
+        for backend in _CANDIDATES[_selected]:
+            impl = self.implementations.get(backend)
+            if impl is not None and impl.may_run(*args, **kwargs):
+                return impl
+        return self.implementations["torch"]
+
+    def which(self, *args, **kwargs) -> str:
+        """The backend ("torch", "cpp" or "triton") a call with these arguments takes."""
+        return self.choose(*args, **kwargs).backend
+
+    def __call__(self, *args, **kwargs):
+        impl = self.choose(*args, **kwargs)
+        note(self.name, impl.backend)
+        return impl.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Op({self.name!r}, backends={list(self.implementations)})"
+
+
+selective_scan = Op(
+    "selective_scan", selective_scan_torch, Implementation("cpp", cpp.selective_scan, cpp.selective_scan_may_run)
+)
+selective_scan_step = Op(
+    "selective_scan_step",
+    selective_scan_step_torch,
+    Implementation("cpp", cpp.selective_scan_step, cpp.selective_scan_step_may_run),
+)
+ssd_scan = Op("ssd_scan", ssd_scan_torch, Implementation("cpp", cpp.ssd_scan, cpp.ssd_scan_may_run))
+ssd_step = Op("ssd_step", ssd_step_torch)
+causal_conv1d = Op(
+    "causal_conv1d", causal_conv1d_torch, Implementation("cpp", cpp.causal_conv1d, cpp.causal_conv1d_may_run)
+)
+causal_conv1d_step = Op(
+    "causal_conv1d_step",
+    causal_conv1d_step_torch,
+    Implementation("cpp", cpp.causal_conv1d_step, cpp.causal_conv1d_step_may_run),
+)
+rms_norm = Op("rms_norm", rms_norm_torch, Implementation("cpp", cpp.rms_norm, cpp.rms_norm_may_run))
+gated_rms_norm = Op(
+    "gated_rms_norm", gated_rms_norm_torch, Implementation("cpp", cpp.gated_rms_norm, cpp.gated_rms_norm_may_run)
+)
+linear = Op("linear", F.linear, Implementation("cpp", cpp.linear, cpp.linear_may_run))
+
+OPS = {
+    op.name: op
+    for op in (
+        selective_scan,
+        selective_scan_step,
+        ssd_scan,
+        ssd_step,
+        causal_conv1d,
+        causal_conv1d_step,
+        rms_norm,
+        gated_rms_norm,
+        linear,
+    )
+}
+
+
+def available() -> list[str]:
+    """The backends that can run on this machine: torch; cpp where its kernels build; triton where Triton and
+    a CUDA device are present."""
+    import torch
+
+    found = ["torch"]
+    if cpp.library() is not None:
+        found.append("cpp")
+    if torch.cuda.is_available() and _importable("triton"):
+        found.append("triton")
+    return found
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
