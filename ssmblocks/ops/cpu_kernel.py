@@ -1,9 +1,12 @@
-"""The C++ CPU kernels (``cpu_kernels.cpp``), compiled on first use with torch.utils.cpp_extension.
+"""The C++ CPU kernels (``ssmblocks/backends/cpp/``: one ``.cpp`` per kernel family, ``bindings.cpp`` the op
+registrations, ``kernels.h`` and ``vectors.h`` the shared headers), compiled on first use with
+torch.utils.cpp_extension into one library.
 
 Building needs a C++ compiler and ninja (a dependency: the pip package) and takes seconds, once: the library
 lands in torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``),
-later processes load it from there, and it is rebuilt when the source or the flags change. When it cannot
-be built or loaded, the callers keep their torch paths, after one warning per process. The kernels use the
+later processes load it from there, and it is rebuilt when the sources or the flags change (torch hashes the
+``.cpp`` files and the flags; ninja, which each new process runs, rebuilds the files whose headers changed).
+When it cannot be built or loaded, the callers keep their torch paths, after one warning per process. The kernels use the
 widest vector unit the CPU has (AVX-512, AVX2, else the baseline); ``SSMBLOCKS_CPU_VECTORS=avx2`` or
 ``=baseline`` caps it for a process (the tests run every variant this way)."""
 
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_SOURCES = Path(__file__).parent.parent / "backends" / "cpp"
 
 
 @functools.cache
@@ -32,9 +35,13 @@ def cpu_ops():
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        sources = sorted(str(p) for p in _SOURCES.glob("*.cpp"))
+        if not sources:
+            raise FileNotFoundError(f"no C++ sources in {_SOURCES}")
         load(
             name="ssmblocks_cpu",
-            sources=[str(_SOURCE)],
+            sources=sources,
+            extra_include_paths=[str(_SOURCES)],
             extra_cflags=["-O3", "-Wno-psabi", *openmp],
             extra_ldflags=openmp,
             is_python_module=False,
