@@ -1,5 +1,5 @@
 """When a mixer's decode step may run as one C++ call: ``selective_ssm_step`` (SelectiveSSM) or
-``ssd_mixer_step`` (SSD) of ``ssmblocks/ops/cpu_kernels.cpp``, from the input projection to the output
+``ssd_mixer_step`` (SSD) of ``ssmblocks/backends/cpp/decode_steps.cpp``, from the input projection to the output
 projection. At batch 1 each separate op after a projection starts with cold caches (the projection streamed
 megabytes of weights through them) and costs 10-50 us whatever its size; one call per mixer pays that once
 (docs/benchmarks.md)."""

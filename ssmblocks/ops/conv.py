@@ -49,7 +49,7 @@ def causal_conv1d(
         and (conv_state is None or conv_state.is_contiguous())
         and cpu_kernels_may_run(*tensors)
         and (ops := cpu_ops()) is not None
-    ):  # on the CPU without autograd: one C++ pass (cpu_kernels.cpp)
+    ):  # on the CPU without autograd: one C++ pass (backends/cpp/conv.cpp)
         if l == 1 and conv_state is not None:  # decode's one token
             return ops.causal_conv1d_step(x[:, 0], conv_state, weight[:, 0], bias, activation == "silu")[:, None]
         if k <= 4:

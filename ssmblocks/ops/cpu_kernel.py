@@ -4,11 +4,11 @@ torch.utils.cpp_extension into one library.
 
 Building needs a C++ compiler and ninja (a dependency: the pip package) and takes seconds, once: the library
 lands in torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``),
-later processes load it from there, and it is rebuilt when the sources or the flags change (torch hashes the
-``.cpp`` files and the flags; ninja, which each new process runs, rebuilds the files whose headers changed).
-When it cannot be built or loaded, the callers keep their torch paths, after one warning per process. The kernels use the
-widest vector unit the CPU has (AVX-512, AVX2, else the baseline); ``SSMBLOCKS_CPU_VECTORS=avx2`` or
-``=baseline`` caps it for a process (the tests run every variant this way)."""
+later processes load it from there, and it is rebuilt when the sources or the flags change (torch hashes
+the ``.cpp`` files and the flags; ninja, which each new process runs, rebuilds the files whose headers
+changed). When it cannot be built or loaded, the callers keep their torch paths, after one warning per
+process. The kernels use the widest vector unit the CPU has (AVX-512, AVX2, else the baseline);
+``SSMBLOCKS_CPU_VECTORS=avx2`` or ``=baseline`` caps it for a process (the tests run every variant this way)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 One pass for the sums of squares (``vector_norm``) and, without autograd, scaling in place: fewer passes over
 memory and fewer fresh buffers than ``F.rms_norm`` on CPU (81 -> 25 ms for 4 x 2048 x 1536, docs/benchmarks.md).
-Without autograd on the CPU, float32 and float64 inputs take the C++ ``rms_norm`` (cpu_kernels.cpp).
+Without autograd on the CPU, float32 and float64 inputs take the C++ ``rms_norm`` (backends/cpp/norm.cpp).
 """
 
 from __future__ import annotations

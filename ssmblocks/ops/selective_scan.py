@@ -54,7 +54,7 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_siz
     cumulative sum being a matmul with a triangle of ones. That factorisation needs |L| small enough for
     exp(-L); a chunk that decays further than that gets its states from a log-depth (Hillis-Steele) scan
     instead, which only multiplies decays <= 1. Without autograd the loop runs in place in reused buffers,
-    and on the CPU the fused C++ kernel (cpu_kernels.cpp, one pass over time) replaces it when it
+    and on the CPU the fused C++ kernel (backends/cpp/selective_scan.cpp, one pass over time) replaces it when it
     builds. Returns (y, final_state).
     """
     wd = _work_dtype(x)

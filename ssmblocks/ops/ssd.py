@@ -77,7 +77,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: 
     (2) each chunk's end state from its own inputs, (3) chunk start states by passing the state from
     chunk to chunk, (4) outputs from the chunk start state (3 and 4 in one loop over chunks). The tail is
     zero-padded with dt = 0, which leaves the final state unchanged. Without autograd on the CPU the C++
-    ``ssd_scan`` (cpu_kernels.cpp: the recurrence one time step after another, each head's state in the
+    ``ssd_scan`` (backends/cpp/ssd_scan.cpp: the recurrence one time step after another, each head's state in the
     caches) replaces it when it builds. Returns (y, final_state).
     """
     wd = _work_dtype(x)
