@@ -1,11 +1,13 @@
 """The ``cpp`` backend: the C++ CPU kernels, built on first use, and each op's C++ implementation with the
 condition under which it may run.
 
-The kernels (torch.ops.ssmblocks_cpu.*) are compiled with torch.utils.cpp_extension on first use. Building needs
-a C++ compiler and ninja (a dependency: the pip package) and takes seconds, once: the library lands in torch's
-extensions directory (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), later processes load
-it from there, and it is rebuilt when the source or the flags change. When it cannot be built or loaded, every
-op keeps its torch implementation, after one warning per process. The kernels use the widest vector unit the CPU
+The kernels (torch.ops.ssmblocks_cpu.*; sources in ``cpp/``: one ``.cpp`` per kernel family, ``bindings.cpp``
+the op registrations, ``kernels.h`` and ``vectors.h`` the shared headers) are compiled into one library with
+torch.utils.cpp_extension on first use. Building needs a C++ compiler and ninja (a dependency: the pip package)
+and takes seconds, once: the library lands in torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``), later processes load it from there, and it is rebuilt when the sources or the
+flags change (torch hashes the ``.cpp`` files and the flags; ninja rebuilds the files whose headers changed).
+When it cannot be built or loaded, every op keeps its torch implementation, after one warning per process. The kernels use the widest vector unit the CPU
 has (AVX-512, AVX2, else the baseline); ``SSMBLOCKS_CPU_VECTORS=avx2`` or ``=baseline`` caps it for a process.
 
 None of the kernels has a backward, so each may run only where no gradient is needed: on the CPU, on plain
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-_SOURCE = Path(__file__).parents[1] / "ops" / "cpu_kernels.cpp"
+_SOURCES = Path(__file__).with_name("cpp")
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a parameter of a tensor subclass has the subclass's type
 _FLOATS = (torch.float32, torch.float64)
 SMALL_BATCH_ROWS = range(2, 17)  # rows (batch x tokens) for which small_batch_linear beats MKL's sgemm
@@ -41,9 +43,13 @@ def library():
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        sources = sorted(str(p) for p in _SOURCES.glob("*.cpp"))
+        if not sources:
+            raise FileNotFoundError(f"no C++ sources in {_SOURCES}")
         load(
             name="ssmblocks_cpu",
-            sources=[str(_SOURCE)],
+            sources=sources,
+            extra_include_paths=[str(_SOURCES)],
             extra_cflags=["-O3", "-Wno-psabi", *openmp],
             extra_ldflags=openmp,
             is_python_module=False,
