@@ -219,9 +219,11 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
 def _tokenizer(folder: Path, manifest: Manifest | None):
     """The tokenizer the manifest committed, else a tokenizer.json in the folder, else None; a corrupt one is
     an error naming the file."""
-    name = manifest.tokenizer if manifest is not None and manifest.tokenizer else "tokenizer.json"
-    path = folder / name
+    committed = manifest.tokenizer if manifest is not None else None
+    path = folder / (committed or "tokenizer.json")
     if not path.exists():
+        if committed:
+            raise CheckpointError(f"{path}: the tokenizer {SAFETENSORS_INDEX} lists is missing")
         return None
     check_regular(path)
     if manifest is not None:

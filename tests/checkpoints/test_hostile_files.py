@@ -288,6 +288,16 @@ def test_committed_tokenizer_is_checked_against_its_sha256(tmp_path):
     _load_fails(folder, rf"{re.escape(committed.name)}: sha256 differs")
 
 
+def test_committed_tokenizer_that_is_missing_is_an_error(tmp_path):
+    folder = tmp_path / "ckpt"
+    model = _model(1)
+    model.tokenizer = tiny_tokenizer()
+    ssmblocks.save_pretrained(model, folder)
+    (committed,) = folder.glob("tokenizer-*.json")
+    committed.unlink()
+    _load_fails(folder, rf"{re.escape(committed.name)}: the tokenizer model\.safetensors\.index\.json lists is missing")
+
+
 def test_edited_config_copy_warns_and_the_committed_one_loads(tmp_path):
     folder = tmp_path / "ckpt"
     model = _saved(folder)
