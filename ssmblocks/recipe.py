@@ -34,9 +34,11 @@ from pydantic import (
     Field,
     PositiveFloat,
     Tag,
+    ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from .errors import read_regular
 
@@ -46,6 +48,7 @@ MAX_WIDTH = 2**17
 MAX_LAYERS = 2**12
 MAX_HEAD = 2**12
 MAX_YAML_NODES = 100_000
+MAX_ERRORS_SHOWN = 20
 MAX_RECIPE_BYTES = 16 * 2**20
 
 
@@ -232,7 +235,10 @@ class Recipe(_Spec):
         """Load from YAML text; more than MAX_YAML_NODES values (aliases expanded) is refused unexpanded."""
         data = yaml.safe_load(text)
         _check_yaml_size(data)
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise _first_errors(e) from None
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)
@@ -268,6 +274,18 @@ def _check_yaml_size(data) -> None:
             stack.extend(value.values())
         elif isinstance(value, list):
             stack.extend(value)
+
+
+def _first_errors(error: ValidationError) -> ValidationError:
+    """The error itself if it lists at most MAX_ERRORS_SHOWN problems, else one with the first of them and a
+    count of the rest (a message of bounded size)."""
+    if error.error_count() <= MAX_ERRORS_SHOWN:
+        return error
+    keys = ("type", "loc", "input", "ctx")
+    shown = [{k: e[k] for k in keys if k in e} for e in error.errors(include_url=False)[:MAX_ERRORS_SHOWN]]
+    rest = error.error_count() - MAX_ERRORS_SHOWN
+    more = PydanticCustomError("too_many_errors", "and {rest} more errors, not shown", {"rest": rest})
+    return ValidationError.from_exception_data(error.title, [*shown, {"type": more, "loc": (), "input": "..."}])
 
 
 def _check_mixer(path: str, spec, d_model: int, mixers: dict) -> None:

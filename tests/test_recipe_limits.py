@@ -113,3 +113,18 @@ def test_recipe_path_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_error_message_of_many_unknown_fields_is_bounded():
+    text = yaml.safe_dump(BASE) + "".join(f"unknown_{i}: 1\n" for i in range(5000))
+    with pytest.raises(ValidationError, match="and 4980 more errors, not shown") as info:
+        Recipe.from_yaml(text)
+    message = str(info.value)
+    assert "unknown_0\n  Extra inputs are not permitted" in message and len(message) < 10_000
+
+
+def test_error_message_of_a_few_problems_lists_them_all():
+    text = yaml.safe_dump({**BASE, "d_model": 0, "vocab_size": -1})
+    with pytest.raises(ValidationError, match="2 validation errors") as info:
+        Recipe.from_yaml(text)
+    assert "d_model" in str(info.value) and "vocab_size" in str(info.value) and "more errors" not in str(info.value)
