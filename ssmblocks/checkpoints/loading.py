@@ -44,6 +44,8 @@ _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 def resolve_folder(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
     """A local folder as is; otherwise a hub id, downloaded (config, weights and tokenizer files only)."""
+    if not str(path_or_repo_id).strip():
+        raise CheckpointError("from_pretrained: the path is empty; name a checkpoint folder or a hub id")
     path = Path(path_or_repo_id)
     if path.is_dir():
         return path

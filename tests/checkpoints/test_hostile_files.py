@@ -106,6 +106,13 @@ def test_save_into_an_empty_path_is_refused(tmp_path, monkeypatch, path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("path", ["", " "])
+def test_load_from_an_empty_path_is_refused(tmp_path, monkeypatch, path):
+    _saved(tmp_path)  # a checkpoint in the current folder must not be what "" means
+    monkeypatch.chdir(tmp_path)
+    _load_fails(path, "the path is empty")
+
+
 def _write_sharded_bin(folder, model):
     """An older HF checkpoint: config.json, pytorch_model-0000k-of-00002.bin shards and their index."""
     ssmblocks.save_pretrained(model, folder)
