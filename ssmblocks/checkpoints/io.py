@@ -105,7 +105,8 @@ def read_manifest(folder: Path) -> Manifest | None:
     if not path.exists():
         return None
     index = read_json(path, "a shard index (a JSON object)")
-    own = (index.get("metadata") or {}).get("ssmblocks") if isinstance(index.get("metadata"), dict) else None
+    metadata = index.get("metadata")
+    own = metadata.get("ssmblocks") if isinstance(metadata, dict) else None
     if own is None:
         return None
     try:

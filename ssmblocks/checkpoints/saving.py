@@ -176,7 +176,10 @@ def write_shards(
 
 
 def _fsync(path: Path) -> None:
-    """Flush a file or a folder (its entries) to disk, so a power cut cannot reorder the commit."""
+    """Flush a file or a folder (its entries) to disk, so a power cut cannot reorder the commit. (Windows
+    cannot open a folder to flush it; there the rename is flushed with the file system's journal.)"""
+    if os.name == "nt" and path.is_dir():
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
