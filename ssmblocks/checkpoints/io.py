@@ -27,6 +27,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 DESCRIPTORS = ("recipe.yaml", "config.json")  # what says which model a folder holds, in the order they win
+COPIES = (*DESCRIPTORS, "tokenizer.json")  # written beside a committed checkpoint for other tools
 MAX_TEXT_BYTES = 64 * 2**20  # config.json, recipe.yaml, shard indexes
 MAX_TOKENIZER_BYTES = 512 * 2**20
 SAVED_NAME = re.compile(r"(model-[0-9a-f]{8}-\d{5}-of-\d{5}\.safetensors|tokenizer-[0-9a-f]{8}\.json)")
@@ -119,6 +120,9 @@ def read_manifest(folder: Path) -> Manifest | None:
         check_plain_name(file, where)
     if name not in DESCRIPTORS or not isinstance(text, str):
         raise CheckpointError(f"{where}: descriptor must be one of {DESCRIPTORS} with its text, got {name!r}")
+    strays = [f for f in copies if f not in COPIES] + [f for f in sha256 if not SAVED_NAME.fullmatch(f)]
+    if strays:  # a save removes what the manifest lists: never let it name other files
+        raise CheckpointError(f"{where}: lists files a save does not write: {strays}")
     weights = sorted(set(_weight_map(index, path).values()))
     return Manifest((name, text), weights, sha256, tokenizer, copies)
 

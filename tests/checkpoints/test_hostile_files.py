@@ -171,6 +171,18 @@ def test_index_entry_outside_the_folder_is_refused(tmp_path, entry):
     _load_fails(folder, rf"{re.escape(repr(entry))} is not a plain file name in the checkpoint folder")
 
 
+@pytest.mark.parametrize("field, value", [("copies", ["config.json", "notes.txt"]), ("sha256", {"notes.txt": "0"})])
+def test_manifest_naming_other_files_is_refused_and_they_survive_a_save(tmp_path, field, value):
+    folder = tmp_path / "ckpt"
+    _saved(folder)
+    (folder / "notes.txt").write_text("my notes")
+    _rewrite_index(folder, lambda i: i["metadata"]["ssmblocks"].__setitem__(field, value))
+    _load_fails(folder, r"lists files a save does not write: \['notes\.txt'\]")
+    newer = _saved(folder, seed=2)
+    assert (folder / "notes.txt").read_text() == "my notes"
+    _same(folder, newer)
+
+
 def test_weight_map_that_is_not_a_mapping(tmp_path):
     folder = tmp_path / "ckpt"
     _saved(folder)
