@@ -1,4 +1,5 @@
-"""The ``ssmblocks`` command: ``info RECIPE`` and ``generate``."""
+"""The ``ssmblocks`` command: ``info RECIPE``, ``generate`` and ``convert``. An error in what the user asked
+for is printed as one line, ``ssmblocks: error: ...``, with exit status 2 (as argparse does), not a traceback."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import argparse
 import sys
 
 import torch
+import yaml
 
+from .errors import SSMBlocksError
 from .layers import Attention
 from .model import build
 from .recipe import Recipe
 from .state import map_state
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a bad recipe, checkpoint, path, argument or device raises; anything else is a bug and keeps its traceback.
+USER_ERRORS = (SSMBlocksError, ValueError, TypeError, OSError, yaml.YAMLError, RuntimeError)
 
 
 def _bytes(state) -> int:
@@ -58,8 +63,10 @@ def _generate(args) -> None:
     recipe = Recipe.from_yaml(args.recipe)
     model = build(recipe, device=args.device, dtype=DTYPES[args.dtype]).eval()
     prompt = list(args.prompt.encode("utf-8"))
+    if not prompt:
+        raise ValueError("generate: --prompt is empty; give at least one character")
     if max(prompt) >= recipe.vocab_size:
-        sys.exit(f"ssmblocks generate: byte-level prompt needs vocab_size >= 256, recipe has {recipe.vocab_size}")
+        raise ValueError(f"generate: byte-level prompt needs vocab_size >= 256, recipe has {recipe.vocab_size}")
     ids = torch.tensor([prompt], device=args.device)
 
     def show(token):
@@ -85,6 +92,8 @@ def _generate(args) -> None:
 def _convert(args) -> None:
     from .checkpoints import from_pretrained, save_pretrained
 
+    if not args.dst.strip():
+        raise ValueError("convert: DST is an empty path; name the folder to write")
     model = from_pretrained(args.src, dtype=DTYPES[args.dtype] if args.dtype else None, progress=True)
     save_pretrained(model, args.dst, format=args.to, max_shard_size=args.max_shard_size, progress=True)
     print(f"wrote {args.dst} ({args.to} format, {model.num_parameters():,} parameters)")
@@ -113,12 +122,21 @@ def main(argv: list[str] | None = None) -> None:
     p_conv.add_argument("--dtype", choices=DTYPES, default=None, help="default float32")
     p_conv.add_argument("--max-shard-size", type=int, default=5 * 2**30, help="bytes per safetensors shard")
     args = parser.parse_args(argv)
-    if args.command == "info":
-        print(info(Recipe.from_yaml(args.recipe), DTYPES[args.dtype]))
-    elif args.command == "convert":
-        _convert(args)
-    else:
-        _generate(args)
+    try:
+        if args.command == "info":
+            print(info(Recipe.from_yaml(args.recipe), DTYPES[args.dtype]))
+        elif args.command == "convert":
+            _convert(args)
+        else:
+            _generate(args)
+    except USER_ERRORS as e:
+        parser.exit(2, f"ssmblocks: error: {one_line(e)}\n")
+
+
+def one_line(error: BaseException, limit: int = 2000) -> str:
+    """The error's message on one line (lines joined with '; '), at most ``limit`` characters."""
+    text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 if __name__ == "__main__":

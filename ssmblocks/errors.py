@@ -1,6 +1,11 @@
-"""Typed errors raised at the library's boundaries (layer entry, state checks, packing)."""
+"""Typed errors raised at the library's boundaries (layer entry, state checks, packing, files), and the
+checks that raise them."""
 
 from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
 
 import torch
 
@@ -48,3 +53,27 @@ def check_positive(layer: str, **sizes: int) -> None:
 
 class CheckpointError(SSMBlocksError, ValueError):
     """A checkpoint cannot be loaded or saved as asked; the message names the file, key or field."""
+
+
+class NonFiniteWarning(UserWarning):
+    """Weights loaded or saved hold NaN or infinity (``from_pretrained(..., non_finite="error")`` refuses)."""
+
+
+def read_regular(path: Path, limit: int, error: type[Exception]) -> bytes:
+    """The bytes of the regular file ``path`` (symlinks followed), at most ``limit`` of them, else ``error``
+    naming the file. Opened without blocking and checked once open, so a FIFO, device or socket is refused
+    rather than waited on or read without end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"{path}: not a regular file (a FIFO, device, socket or folder); refused")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise error(f"{path}: larger than {limit:,} bytes; refused")
+    return data

@@ -25,6 +25,12 @@ def sample_next(
     and top-p (nucleus) filtering. Returns (b,) int64."""
     if not do_sample:
         return logits.argmax(-1)
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0:
+        raise ValueError(f"sampling: temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"sampling: top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise ValueError(f"sampling: top_p must be in (0, 1] (1 = off), got {top_p!r}")
     logits = logits.float() / max(temperature, 1e-6)
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -63,8 +69,15 @@ def stream(
     prefill_chunk_size feeds the prompt in pieces of that many tokens. cuda_graph (default: on CUDA)
     replays the decode step from a captured CUDA graph.
     """
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ShapeError(f"generate: input_ids must be (batch, seqlen) with seqlen >= 1, got {tuple(input_ids.shape)}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"generate: input_ids must be a torch.Tensor (batch, seqlen), got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ShapeError(
+            f"generate: input_ids must be (batch, seqlen) with batch, seqlen >= 1, got {tuple(input_ids.shape)}"
+        )
+    for name, value in (("max_new_tokens", max_new_tokens), ("prefill_chunk_size", prefill_chunk_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"generate: {name} must be an int, got {type(value).__name__} {value!r}")
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     b, l = input_ids.shape

@@ -161,17 +161,37 @@ class CausalLM(nn.Module):
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy: position t predicts labels[t + 1]; -100 ignored; packed
-        sequences (cu_seqlens) never predict across a boundary."""
+        sequences (cu_seqlens) never predict across a boundary. labels: (b, l) integer, like the input ids."""
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"CausalLM: labels must be a torch.Tensor (b, l), got {type(labels).__name__}")
+        if labels.shape != logits.shape[:2]:
+            raise ShapeError(
+                f"CausalLM: labels must have the input's shape (batch, seqlen) = {tuple(logits.shape[:2])}, "
+                f"got {tuple(labels.shape)}"
+            )
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError(
+                f"CausalLM: labels must be integer token ids (int64 or int32, -100 = ignore), got {labels.dtype}"
+            )
         labels = labels[:, 1:].clone()
         if cu_seqlens is not None:
             labels[:, cu_seqlens[1:-1].long() - 1] = -100
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
     def _check_ids(self, input_ids: torch.Tensor, state: ModelState | None) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(
+                f"CausalLM: input_ids must be a torch.Tensor of token ids (batch, seqlen), got "
+                f"{type(input_ids).__name__}; wrap it, e.g. torch.tensor([[...]])"
+            )
         if input_ids.dim() != 2:
             raise ShapeError(f"CausalLM: input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
-        if input_ids.is_floating_point():
-            raise TypeError(f"CausalLM: input_ids must be integer token ids, got {input_ids.dtype}")
+        if input_ids.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes; never cast
+            raise TypeError(f"CausalLM: input_ids must be integer token ids (int64 or int32), got {input_ids.dtype}")
+        if input_ids.shape[0] == 0:
+            raise ShapeError(f"CausalLM: empty batch (input_ids of shape {tuple(input_ids.shape)})")
+        if input_ids.shape[1] == 0:
+            raise ShapeError(f"CausalLM: empty sequence (seqlen 0, input_ids of shape {tuple(input_ids.shape)})")
         # no host reads while a CUDA graph is captured or torch.compile traces (a data-dependent branch)
         capturing = torch.compiler.is_compiling() or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
         if not capturing and (input_ids.min() < 0 or input_ids.max() >= self.recipe.vocab_size):

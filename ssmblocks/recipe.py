@@ -11,11 +11,17 @@ which one each layer uses with a ``pattern``, in any of these forms, all normali
 
 A ``parallel`` mixer runs several named mixers side by side on the same normed input and sums their
 outputs (Falcon-H1 style). Any mix of kinds is allowed.
+
+Sizes have upper limits, so that a typo or a hostile file is refused by name before anything is allocated:
+vocab_size <= MAX_VOCAB (2**22), widths (d_model, hidden_dim, dt_rank) <= MAX_WIDTH (2**17), n_layers and
+pattern lengths <= MAX_LAYERS (2**12), per-head sizes and head counts <= MAX_HEAD (2**12). YAML is read
+with at most MAX_YAML_NODES values after aliases are expanded (an alias bomb is refused, not expanded).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -27,13 +33,32 @@ from pydantic import (
     Discriminator,
     Field,
     PositiveFloat,
-    PositiveInt,
     Tag,
+    ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
+
+from .errors import read_regular
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_VOCAB = 2**22
+MAX_WIDTH = 2**17
+MAX_LAYERS = 2**12
+MAX_HEAD = 2**12
+MAX_YAML_NODES = 100_000
+MAX_ERRORS_SHOWN = 20
+MAX_RECIPE_BYTES = 16 * 2**20
+
+
+def _size(limit: int):
+    """A positive int of at most ``limit``."""
+    return Annotated[int, Field(gt=0, le=limit)]
+
+
+Width = _size(MAX_WIDTH)
+HeadSize = _size(MAX_HEAD)
 
 
 class _Spec(BaseModel):
@@ -44,10 +69,10 @@ class SelectiveSSMSpec(_Spec):
     """Mamba1 mixer (ssmblocks.SelectiveSSM)."""
 
     kind: Literal["selective_ssm"]
-    d_state: PositiveInt = Field(16, description="state size n per channel")
-    d_conv: PositiveInt = Field(4, description="causal conv width")
-    expand: PositiveInt = Field(2, description="inner width e = expand * d_model")
-    dt_rank: PositiveInt | Literal["auto"] = Field("auto", description="rank of the dt projection; auto = ceil(d/16)")
+    d_state: HeadSize = Field(16, description="state size n per channel")
+    d_conv: _size(1024) = Field(4, description="causal conv width")
+    expand: _size(64) = Field(2, description="inner width e = expand * d_model")
+    dt_rank: Width | Literal["auto"] = Field("auto", description="rank of the dt projection; auto = ceil(d/16)")
     dt_min: PositiveFloat = 0.001
     dt_max: PositiveFloat = 0.1
     dt_init_floor: PositiveFloat = 1e-4
@@ -59,12 +84,12 @@ class SSDSpec(_Spec):
     """Mamba2 mixer (ssmblocks.SSD)."""
 
     kind: Literal["ssd"]
-    d_state: PositiveInt = Field(128, description="state size n per head")
-    d_conv: PositiveInt = 4
-    expand: PositiveInt = 2
-    head_dim: PositiveInt = 64
-    n_groups: PositiveInt = Field(1, description="groups of B and C, each shared by heads / n_groups heads")
-    chunk_size: PositiveInt | None = Field(
+    d_state: HeadSize = Field(128, description="state size n per head")
+    d_conv: _size(1024) = 4
+    expand: _size(64) = 2
+    head_dim: HeadSize = 64
+    n_groups: HeadSize = Field(1, description="groups of B and C, each shared by heads / n_groups heads")
+    chunk_size: _size(2**16) | None = Field(
         None, description="chunk of the chunked scan; None: each implementation's own. Never changes results"
     )
     dt_min: PositiveFloat = 0.001
@@ -82,9 +107,9 @@ class AttentionSpec(_Spec):
     """Causal grouped-query attention with RoPE (ssmblocks.Attention)."""
 
     kind: Literal["attention"]
-    n_heads: PositiveInt
-    n_kv_heads: PositiveInt | None = Field(None, description="key/value heads; None = n_heads")
-    head_dim: PositiveInt | None = Field(None, description="None = d_model / n_heads")
+    n_heads: HeadSize
+    n_kv_heads: HeadSize | None = Field(None, description="key/value heads; None = n_heads")
+    head_dim: HeadSize | None = Field(None, description="None = d_model / n_heads")
     rope_theta: PositiveFloat = 10000.0
     rotary_fraction: float = Field(1.0, ge=0.0, le=1.0, description="share of each head's dims that RoPE rotates")
     bias: bool = False
@@ -102,7 +127,7 @@ MixerSpec = Annotated[SelectiveSSMSpec | SSDSpec | AttentionSpec | ParallelSpec,
 
 class SwiGLUSpec(_Spec):
     kind: Literal["swiglu"] = "swiglu"
-    hidden_dim: PositiveInt
+    hidden_dim: Width
     bias: bool = False
 
 
@@ -122,7 +147,7 @@ class PatternPeriodic(_Spec):
     """Layer i uses ``use`` when i % every == offset, else ``default``."""
 
     default: str
-    every: PositiveInt
+    every: _size(MAX_LAYERS)
     offset: int = Field(0, ge=0)
     use: str
 
@@ -154,10 +179,10 @@ class Recipe(_Spec):
     """A whole causal LM: embedding -> n_layers pre-norm residual blocks -> final norm -> LM head."""
 
     name: str = Field(description="a name for humans")
-    vocab_size: PositiveInt
-    pad_vocab_size_multiple: PositiveInt = Field(1, description="embedding rows are padded up to a multiple")
-    d_model: PositiveInt
-    n_layers: PositiveInt
+    vocab_size: _size(MAX_VOCAB)
+    pad_vocab_size_multiple: _size(2**16) = Field(1, description="embedding rows are padded up to a multiple")
+    d_model: Width
+    n_layers: _size(MAX_LAYERS)
     tie_embeddings: bool = True
     residual_in_fp32: bool = Field(True, description="keep the residual stream in float32")
     norm: NormSpec = Field(default_factory=NormSpec)
@@ -194,18 +219,75 @@ class Recipe(_Spec):
 
     @classmethod
     def from_yaml(cls, path_or_text: str | Path) -> Recipe:
-        """Load from a YAML file path or from YAML text."""
+        """Load from a YAML file path or from YAML text. A one-line string is a path when such a file exists
+        or when it reads like one (a '/' or a file suffix, no ':'); it is YAML text otherwise."""
         text = str(path_or_text)
-        if isinstance(path_or_text, Path) or ("\n" not in text and text.endswith((".yaml", ".yml"))):
-            if not Path(text).is_file():
+        if isinstance(path_or_text, Path) or _names_a_file(text):
+            if not Path(text).exists():
                 raise FileNotFoundError(f"recipe file {text!r} does not exist")
-            text = Path(text).read_text()
-        return cls.model_validate(yaml.safe_load(text))
+            data = read_regular(Path(text), MAX_RECIPE_BYTES, ValueError)
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"recipe file {str(path_or_text)!r} is not UTF-8 text ({e})") from None
+        return cls.from_yaml_text(text)
+
+    @classmethod
+    def from_yaml_text(cls, text: str) -> Recipe:
+        """Load from YAML text; more than MAX_YAML_NODES values (aliases expanded) is refused unexpanded."""
+        data = yaml.safe_load(text)
+        _check_yaml_size(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise _first_errors(e) from None
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)
         data = {"name": self.name, **data}
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def _names_a_file(text: str) -> bool:
+    if "\n" in text or not text.strip():
+        return False
+    try:
+        if Path(text).exists():
+            return True
+    except (OSError, ValueError):  # too long or not a valid path: YAML text
+        return False
+    return ":" not in text and ("/" in text or os.sep in text or re.search(r"\.[A-Za-z]\w{0,4}$", text) is not None)
+
+
+def _check_yaml_size(data) -> None:
+    """Count the values of parsed YAML as the schema would see them (each alias use again, cycles endlessly)
+    and stop at MAX_YAML_NODES."""
+    stack, seen = [data], 0
+    while stack:
+        value = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            raise ValueError(
+                f"recipe YAML has more than {MAX_YAML_NODES:,} values once its aliases are expanded "
+                "(an alias bomb or a cycle?); refused"
+            )
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+
+
+def _first_errors(error: ValidationError) -> ValidationError:
+    """The error itself if it lists at most MAX_ERRORS_SHOWN problems, else one with the first of them and a
+    count of the rest (a message of bounded size)."""
+    if error.error_count() <= MAX_ERRORS_SHOWN:
+        return error
+    keys = ("type", "loc", "input", "ctx")
+    shown = [{k: e[k] for k in keys if k in e} for e in error.errors(include_url=False)[:MAX_ERRORS_SHOWN]]
+    rest = error.error_count() - MAX_ERRORS_SHOWN
+    more = PydanticCustomError("too_many_errors", "and {rest} more errors, not shown", {"rest": rest})
+    return ValidationError.from_exception_data(error.title, [*shown, {"type": more, "loc": (), "input": "..."}])
 
 
 def _check_mixer(path: str, spec, d_model: int, mixers: dict) -> None:
@@ -293,9 +375,14 @@ def _parse_pattern_string(text: str, mixers: dict, known) -> list[str]:
             if pos < len(tokens) and tokens[pos] == "*":
                 if pos + 1 >= len(tokens) or not tokens[pos + 1].isdigit() or int(tokens[pos + 1]) == 0:
                     raise ValueError(f"pattern {text!r}: '*' must be followed by a positive count")
-                item = item * int(tokens[pos + 1])
+                count = int(tokens[pos + 1])
+                if len(item) * count > MAX_LAYERS:
+                    raise ValueError(f"pattern {text!r}: repeats to more than MAX_LAYERS={MAX_LAYERS} layers")
+                item = item * count
                 pos += 2
             out.extend(item)
+            if len(out) > MAX_LAYERS:
+                raise ValueError(f"pattern {text!r}: more than MAX_LAYERS={MAX_LAYERS} layers")
         if depth == 0 and pos < len(tokens):
             raise ValueError(f"pattern {text!r}: ')' without a matching '('")
         return out

@@ -137,13 +137,21 @@ class ModelState:
         return ModelState([map_state(s, lambda _, t: t.clone()) for s in self.layers])
 
     def select(self, indices: torch.Tensor | list[int]) -> ModelState:
-        """A state of the batch rows ``indices`` in that order (reorder beams, drop finished rows)."""
+        """A state of the batch rows ``indices`` (integers, negative ones counting from the end, as in Python)
+        in that order: reorder beams, drop finished rows."""
+        index = torch.as_tensor(indices)
+        if index.dim() != 1 or not (index.dtype == torch.long or index.dtype == torch.int32 or index.numel() == 0):
+            raise StateError(
+                f"select: indices must be a 1-d list or tensor of integer row indices, got {index.dtype} of shape "
+                f"{tuple(index.shape)}"
+            )
 
         def pick(_, t):
-            index = torch.as_tensor(indices, device=t.device, dtype=torch.long)
-            if index.numel() and (index.min() < -t.shape[0] or index.max() >= t.shape[0]):
-                raise StateError(f"select: row index out of range for batch size {t.shape[0]}")
-            return t.index_select(0, index)
+            rows = index.to(device=t.device, dtype=torch.long)
+            if rows.numel() and (rows.min() < -t.shape[0] or rows.max() >= t.shape[0]):
+                bad = rows[(rows < -t.shape[0]) | (rows >= t.shape[0])][0].item()
+                raise StateError(f"select: row index out of range for batch size {t.shape[0]}: {bad}")
+            return t.index_select(0, rows % t.shape[0])
 
         return ModelState([map_state(s, pick) for s in self.layers])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -49,13 +50,17 @@ def lora_targets(model: nn.Module, exclude: tuple[str, ...] = ("lm_head",)) -> l
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale gradients so their total 2-norm is at most max_norm; returns the norm before clipping.
+def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale gradients so their total 2-norm is at most max_norm (> 0, finite); returns the norm before
+    clipping. parameters: an iterable of tensors or one tensor.
 
     Like torch.nn.utils.clip_grad_norm_, but also for models whose parameters mix DTensors and plain
     tensors (ssmblocks.distributed.tensor_parallel splits the layers and replicates the rest): a DTensor's
     gradient counts with its whole tensor, a plain one once. Call it on every rank (it is collective there).
     """
+    if isinstance(max_norm, bool) or not isinstance(max_norm, int | float) or not 0 < max_norm < math.inf:
+        raise ValueError(f"clip_grad_norm_: max_norm must be a positive finite number, got {max_norm!r}")
+    parameters = [parameters] if isinstance(parameters, torch.Tensor) else parameters
     grads = [p.grad for p in parameters if p.grad is not None]
     norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
     norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]

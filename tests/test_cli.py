@@ -1,5 +1,7 @@
 """The ssmblocks command."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,9 +42,52 @@ def test_generate_streams_bytes(capsys, tmp_path):
     assert out.startswith("Hi") and out.endswith("\n")
 
 
-def test_unknown_recipe_file_is_an_error():
-    with pytest.raises(FileNotFoundError, match="recipe file 'no-such-recipe.yaml' does not exist"):
-        main(["info", "no-such-recipe.yaml"])
+def _error_line(capsys, argv) -> str:
+    """Run the command, expect exit status 2 and one stderr line 'ssmblocks: error: ...'; return that line."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ssmblocks: error: "), captured.err
+    return lines[0]
+
+
+def test_unknown_recipe_file_is_an_error(capsys):
+    assert "recipe file 'no-such-recipe.yaml' does not exist" in _error_line(capsys, ["info", "no-such-recipe.yaml"])
+
+
+def test_invalid_recipe_is_one_line_naming_the_field(capsys, tmp_path):
+    (tmp_path / "bad.yaml").write_text(TINY.replace("d_model: 32", "d_model: 0"))
+    assert "d_model" in _error_line(capsys, ["info", str(tmp_path / "bad.yaml")])
+
+
+def test_generate_with_a_byte_prompt_too_large_for_the_vocab(capsys, tmp_path):
+    (tmp_path / "small.yaml").write_text(TINY.replace("vocab_size: 256", "vocab_size: 100"))
+    line = _error_line(capsys, ["generate", "--recipe", str(tmp_path / "small.yaml"), "--prompt", "~~"])
+    assert "needs vocab_size >= 256" in line
+
+
+@pytest.mark.parametrize("dst", ["", "  "])
+def test_convert_into_an_empty_path_is_refused(capsys, tmp_path, monkeypatch, dst):
+    monkeypatch.chdir(tmp_path)
+    assert "DST is an empty path" in _error_line(capsys, ["convert", str(tmp_path / "src"), dst, "--to", "hf"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_from_a_broken_checkpoint_is_one_line(capsys, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text("{}")
+    line = _error_line(capsys, ["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--to", "hf"])
+    assert "no weights found" in line and not (tmp_path / "dst").exists()
+
+
+def test_installed_command_prints_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ssmblocks.cli", "info", str(tmp_path / "missing.yaml")], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"ssmblocks: error: recipe file '{tmp_path / 'missing.yaml'}' does not exist\n"
 
 
 def test_convert_hf_to_ssmblocks_and_back(tmp_path, capsys):

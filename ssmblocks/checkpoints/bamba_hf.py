@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from ..errors import CheckpointError
 from ..recipe import AttentionSpec, Recipe
-from .family import Family, dt_limit, limit_entry, mixer_kinds, refuse_unsupported, require, used_specs
+from .family import (
+    Family,
+    dt_limit,
+    layer_count,
+    limit_entry,
+    mixer_kinds,
+    refuse_unsupported,
+    require,
+    size,
+    used_specs,
+)
 from .keymap import KeyMap
 
 KEYS = KeyMap(
@@ -32,10 +42,10 @@ def _rope(config: dict) -> tuple[float, float]:
 
 def to_recipe(config: dict, shapes) -> Recipe:
     refuse_unsupported(config, "HF Bamba", hidden_act=("silu",))
-    d = require(config, "hidden_size", "HF Bamba")
-    n = require(config, "num_hidden_layers", "HF Bamba")
+    d = size(config, "hidden_size", "HF Bamba")
+    n = layer_count(config, "num_hidden_layers", "HF Bamba")
     expand = config.get("mamba_expand", 2)
-    heads = config.get("mamba_n_heads", 128)
+    heads = size(config, "mamba_n_heads", "HF Bamba", default=128)
     head_dim = config.get("mamba_d_head", "auto")
     head_dim = expand * d // heads if head_dim == "auto" else head_dim
     if heads * head_dim != expand * d:

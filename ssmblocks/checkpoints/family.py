@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import CheckpointError
-from ..recipe import Recipe
+from ..recipe import MAX_LAYERS, Recipe
 from .keymap import KeyMap
 
 Shapes = dict[str, tuple[int, ...]]
@@ -49,6 +49,30 @@ def require(config: dict, key: str, family: str):
     if key not in config:
         raise CheckpointError(f"{family} config.json has no {key!r}")
     return config[key]
+
+
+def size(config: dict, key: str, family: str, default: int | None = None, limit: int | None = None) -> int:
+    """A positive integer field (a width, a count, a divisor) of at most ``limit``; required when there is no
+    default."""
+    value = require(config, key, family) if default is None else config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CheckpointError(f"{family} config.json: {key} must be a positive integer, got {value!r}")
+    if limit is not None and value > limit:
+        raise CheckpointError(f"{family} config.json: {key}={value} is more than the limit {limit}")
+    return value
+
+
+def layer_count(config: dict, key: str, family: str) -> int:
+    """The number of layers, at most the recipes' MAX_LAYERS (checked before a per-layer list is built)."""
+    return size(config, key, family, limit=MAX_LAYERS)
+
+
+def mapping(config: dict, key: str, family: str) -> dict:
+    """An optional object field ({} when absent or null)."""
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{family} config.json: {key} must be an object, got {type(value).__name__} {value!r}")
+    return value
 
 
 def check_config(name: str, config_value, weights_value, where: str) -> None:

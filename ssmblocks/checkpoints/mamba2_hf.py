@@ -4,15 +4,25 @@ from __future__ import annotations
 
 from ..errors import CheckpointError
 from ..recipe import Recipe
-from .family import Family, dt_limit, limit_entry, mixer_kinds, refuse_unsupported, require, used_specs
+from .family import (
+    Family,
+    dt_limit,
+    layer_count,
+    limit_entry,
+    mixer_kinds,
+    refuse_unsupported,
+    require,
+    size,
+    used_specs,
+)
 from .mamba_hf import KEYS  # same key layout as HF Mamba
 
 
 def to_recipe(config: dict, shapes) -> Recipe:
     refuse_unsupported(config, "HF Mamba2", hidden_act=("silu",), rms_norm=(True,))
-    d = require(config, "hidden_size", "HF Mamba2")
+    d = size(config, "hidden_size", "HF Mamba2")
     expand = config.get("expand", 2)
-    heads, head_dim = require(config, "num_heads", "HF Mamba2"), config.get("head_dim", 64)
+    heads, head_dim = size(config, "num_heads", "HF Mamba2"), config.get("head_dim", 64)
     if heads * head_dim != expand * d:
         raise CheckpointError(
             f"HF Mamba2 config.json: num_heads * head_dim = {heads} * {head_dim} must equal expand * hidden_size "
@@ -34,7 +44,7 @@ def to_recipe(config: dict, shapes) -> Recipe:
         "conv_bias": config.get("use_conv_bias", True),
         "bias": config.get("use_bias", False),
     }
-    n = require(config, "num_hidden_layers", "HF Mamba2")
+    n = layer_count(config, "num_hidden_layers", "HF Mamba2")
     return Recipe(
         name=config.get("_name_or_path") or "mamba2",
         vocab_size=require(config, "vocab_size", "HF Mamba2"),

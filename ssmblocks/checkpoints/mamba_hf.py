@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import CheckpointError
 from ..recipe import Recipe
-from .family import Family, check_config, mixer_kinds, refuse_unsupported, require, used_specs
+from .family import Family, check_config, layer_count, mixer_kinds, refuse_unsupported, require, size, used_specs
 from .keymap import KeyMap
 
 KEYS = KeyMap(
@@ -19,7 +19,7 @@ KEYS = KeyMap(
 
 def to_recipe(config: dict, shapes) -> Recipe:
     refuse_unsupported(config, "HF Mamba", hidden_act=("silu",))
-    d = require(config, "hidden_size", "HF Mamba")
+    d = size(config, "hidden_size", "HF Mamba")
     expand = config.get("expand", 2)
     check_config("intermediate_size", config.get("intermediate_size"), expand * d, "expand * hidden_size")
     mixer = {
@@ -34,7 +34,7 @@ def to_recipe(config: dict, shapes) -> Recipe:
         "conv_bias": config.get("use_conv_bias", True),
         "bias": config.get("use_bias", False),
     }
-    n = require(config, "num_hidden_layers", "HF Mamba")
+    n = layer_count(config, "num_hidden_layers", "HF Mamba")
     return Recipe(
         name=config.get("_name_or_path") or "mamba",
         vocab_size=require(config, "vocab_size", "HF Mamba"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..errors import CheckpointError
 from ..recipe import Recipe
-from .family import Family, check_config, require, shape_of
+from .family import Family, check_config, layer_count, mapping, require, shape_of, size
 from .keymap import KeyMap
 
 KEYS = KeyMap(
@@ -26,7 +26,7 @@ MIXER = "backbone.layers.0.mixer."
 def _layer_kind(config: dict, shapes) -> str:
     """Mamba1 or Mamba2, from ssm_cfg.layer and the tensor names (the weights decide when config is silent)."""
     in_weights = "Mamba2" if MIXER + "dt_bias" in shapes else "Mamba1" if MIXER + "x_proj.weight" in shapes else None
-    stated = (config.get("ssm_cfg") or {}).get("layer")
+    stated = mapping(config, "ssm_cfg", "mamba_ssm").get("layer")
     if stated is not None and in_weights is not None and stated != in_weights:
         raise CheckpointError(
             f"config/weights disagreement: config.json says ssm_cfg.layer={stated!r}, but the tensors are "
@@ -62,7 +62,7 @@ def _mamba2(ssm_cfg: dict, shapes, d: int) -> dict:
     e = shape_of(shapes, MIXER + "out_proj.weight", "mamba_ssm")[1]
     (h,) = shape_of(shapes, MIXER + "A_log", "mamba_ssm")
     conv_rows, _, k = shape_of(shapes, MIXER + "conv1d.weight", "mamba_ssm")
-    g = ssm_cfg.get("ngroups", 1)
+    g = size(ssm_cfg, "ngroups", "mamba_ssm ssm_cfg", default=1)
     gn = (conv_rows - e) // 2
     if gn % g:
         raise CheckpointError(
@@ -97,9 +97,9 @@ def to_recipe(config: dict, shapes) -> Recipe:
         )
     if not config.get("rms_norm", True):
         raise CheckpointError("mamba_ssm config.json: rms_norm=false (a LayerNorm model) is not supported")
-    d = require(config, "d_model", "mamba_ssm")
-    n = require(config, "n_layer", "mamba_ssm")
-    ssm_cfg = config.get("ssm_cfg") or {}
+    d = size(config, "d_model", "mamba_ssm")
+    n = layer_count(config, "n_layer", "mamba_ssm")
+    ssm_cfg = mapping(config, "ssm_cfg", "mamba_ssm")
     mixer = _mamba2(ssm_cfg, shapes, d) if _layer_kind(config, shapes) == "Mamba2" else _mamba1(ssm_cfg, shapes, d)
     recipe = Recipe(
         name=config.get("_name_or_path") or "mamba_ssm",

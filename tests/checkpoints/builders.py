@@ -164,3 +164,11 @@ def tiny_tokenizer():
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def drop_manifest(folder: Path) -> None:
+    """Remove the ssmblocks manifest from a saved folder's index, as if another tool had written it."""
+    path = folder / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    del index["metadata"]["ssmblocks"]
+    path.write_text(json.dumps(index))

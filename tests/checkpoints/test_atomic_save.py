@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ssmblocks
-import ssmblocks.checkpoints.io as ckpt_io
+import ssmblocks.checkpoints.saving as ckpt_saving
 from tests.checkpoints.builders import folder_bytes, full_logits, make_ids, rerandomise
 from tests.helpers import assert_close
 
@@ -42,7 +42,7 @@ class DiskFull(OSError):
 
 
 def _failing_save_file(monkeypatch, fail_on_call: int):
-    real = ckpt_io.save_file
+    real = ckpt_saving.save_file
     calls = []
 
     def save_file(*args, **kwargs):
@@ -51,7 +51,7 @@ def _failing_save_file(monkeypatch, fail_on_call: int):
             raise DiskFull("no space left on device (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt_io, "save_file", save_file)
+    monkeypatch.setattr(ckpt_saving, "save_file", save_file)
     return calls
 
 
@@ -128,9 +128,11 @@ def test_resave_with_fewer_shards_removes_stale_shards(tmp_path, save_format):
     assert not set(fewer) & set(shards), "the new shard names carry the new shard count"
     assert (folder / "notes.txt").read_text() == "my notes"
 
-    ssmblocks.save_pretrained(second, folder, format=save_format)  # one file now
+    ssmblocks.save_pretrained(second, folder, format=save_format)  # one shard now
     config = "config.json" if save_format == "hf" else "recipe.yaml"
-    assert sorted(p.name for p in folder.iterdir()) == sorted([config, "model.safetensors", "notes.txt"])
+    (shard,) = folder.glob("model-*-00001-of-00001.safetensors")
+    expected = [config, "model.safetensors.index.json", shard.name, "notes.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected)
     assert _leftovers(tmp_path, folder) == []
     ids = make_ids()
     assert_close(full_logits(ssmblocks.from_pretrained(folder), ids), full_logits(second, ids), 1e-6, "re-saved")
