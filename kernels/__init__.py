@@ -4,9 +4,11 @@ Kernels are loaded lazily by the dispatch; importing ssmblocks or this package n
 ``ssmblocks.kernels.ssd`` (the SSD chunked scan, forward and backward) imports Triton.
 """
 
-import importlib.util
-
 
 def available() -> bool:
-    """Whether Triton is installed, so that the kernel modules import."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton imports, and with it the kernel modules."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

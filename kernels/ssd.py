@@ -31,7 +31,7 @@ def prepare_dt_ref(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("in
 
 def _check(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, chunk_size):
     if chunk_size not in CHUNK_SIZES:
-        raise ValueError(f"chunk_size={chunk_size} is not supported by the Triton SSD kernels; use one of {CHUNK_SIZES}")
+        raise ValueError(f"chunk_size={chunk_size} is not supported by the Triton SSD kernels, only {CHUNK_SIZES}")
     if x.dim() != 4:
         raise ValueError(f"x must be (b, l, h, p), got shape {tuple(x.shape)}")
     b, l, h, p = x.shape
@@ -202,10 +202,9 @@ def ssd_chunk_scan_bwd(
         dt_min, dt_max, BLOCK_P=lay.block_p, num_warps=lay.warps, **flags,
     )
 
-    empty = x.new_empty(0)
-    dD = empty if D is None else (dD if D.dim() == 2 else dD.sum(1)).to(D.dtype)
-    ddt_bias = empty if dt_bias is None else ddt_bias.to(dt_bias.dtype)
-    dinit = empty if initial_state is None else dinit.to(initial_state.dtype)
+    dD = x.new_empty(0) if D is None else (dD if D.dim() == 2 else dD.sum(1)).to(D.dtype)
+    ddt_bias = x.new_empty(0) if dt_bias is None else ddt_bias.to(dt_bias.dtype)
+    dinit = x.new_empty(0) if initial_state is None else dinit.to(initial_state.dtype)
     return dx, ddt.to(dt.dtype), dA.to(A.dtype), dB, dC, dD, dz, ddt_bias, dinit
 
 
@@ -228,8 +227,9 @@ def _backward(ctx, dy, dfinal):
     x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens = ctx.saved_tensors
     grads = ssd_chunk_scan_bwd(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, *ctx.flags)
     dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
-    present = (D, z, dt_bias, initial_state)
-    dD, dz, ddt_bias, dinit = (g if t is not None else None for g, t in zip((dD, dz, ddt_bias, dinit), present))
+    dD, dz, ddt_bias, dinit = (
+        None if t is None else g for g, t in zip((dD, dz, ddt_bias, dinit), (D, z, dt_bias, initial_state), strict=True)
+    )
     return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit, None, None, None, None, None
 
 

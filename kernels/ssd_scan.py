@@ -41,7 +41,7 @@ def ssd_scan_fwd_kernel(
         b_c = tl.load(B + bc_rows, mask=mask_cn, other=0.0)
         state = tl.load(
             state_base + offs_n[:, None] + offs_p[None, :] * d_state,
-            mask=(offs_n[:, None] < d_state) & (offs_p[None, :] < head_dim), other=0.0,
+            mask=(offs_n[:, None] < d_state) & (offs_p[None, :] < head_dim) & (start < end), other=0.0,
         )  # (n, p)
         cb += mm(c_c, tl.trans(b_c), DOT_DTYPE)
         y_state += mm(c_c, state, DOT_DTYPE)

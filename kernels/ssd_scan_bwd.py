@@ -48,7 +48,7 @@ def ssd_scan_bwd_dx_kernel(
         c_c = tl.load(C + bc_rows, mask=mask_cn, other=0.0)
         b_c = tl.load(B + bc_rows, mask=mask_cn, other=0.0)
         np_at = state_at + offs_n[:, None] + offs_p[None, :] * d_state
-        mask_np = (offs_n[:, None] < d_state) & (offs_p[None, :] < head_dim)
+        mask_np = (offs_n[:, None] < d_state) & (offs_p[None, :] < head_dim) & (start < end)  # spare chunks: none
         state = tl.load(states + np_at, mask=mask_np, other=0.0)  # (n, p)
         dstate = tl.load(dstates + np_at, mask=mask_np, other=0.0)
         cb += mm(c_c, tl.trans(b_c), DOT_DTYPE)
@@ -118,7 +118,7 @@ def ssd_scan_bwd_dbc_kernel(
     c_c = tl.load(C + bc_rows, mask=mask_cn, other=0.0)
     b_c = tl.load(B + bc_rows, mask=mask_cn, other=0.0)
     mask_cp = mask_c[:, None] & (offs_p[None, :] < head_dim)
-    mask_pn = (offs_p[:, None] < head_dim) & (offs_n[None, :] < d_state)
+    mask_pn = (offs_p[:, None] < head_dim) & (offs_n[None, :] < d_state) & (start < end)  # spare chunks: none
     d_c = tl.zeros((CHUNK, BLOCK_N), tl.float32)
     d_b = tl.zeros((CHUNK, BLOCK_N), tl.float32)
     for r in range(group_heads):
