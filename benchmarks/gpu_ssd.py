@@ -135,10 +135,10 @@ def bench_shape(label, b, l, h, p, g, n, mamba_combined, chunks):
 
         with torch.no_grad():
             fn()
-            t_fwd = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            t_fwd = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
             m_fwd = peak_extra(fn)
         fwd_bwd()
-        t_bwd = triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=leaves, return_mode="median")
+        t_bwd = triton.testing.do_bench(fwd_bwd, warmup=10, rep=50, grad_to_none=leaves, return_mode="median")
         m_bwd = peak_extra(fwd_bwd)
         rows[name] = (t_fwd, t_bwd, m_fwd / 2**30, m_bwd / 2**30)
         say(f"  {label:28s} {name:16s} fwd {t_fwd:7.3f} ms  fwd+bwd {t_bwd:7.3f} ms  "
@@ -165,9 +165,10 @@ def main():
         ("B2 L333 H8 P64 N64 G1 chunk 128", (2, 333, 8, 64, 1, 64), dict(chunk=128)),
     ]
     ok = True
-    for name, shape, extra in cases:
+    for (name, shape, extra), dtypes in zip(cases, ("b", "b", "fb", "fb", "b"), strict=True):
         for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2)):
-            ok &= check(name, shape, dtype, tol, **extra)
+            if str(dtype)[6] in dtypes:
+                ok &= check(name, shape, dtype, tol, **extra)
     say("correctness:", "all PASS" if ok else "some FAIL")
 
     mamba_combined = None
@@ -183,7 +184,7 @@ def main():
     ]
     table = []
     for label, shape in shapes:
-        rows = bench_shape(label, *shape, mamba_combined, chunks=(64, 128))
+        rows = bench_shape(label, *shape, mamba_combined, chunks=(DEFAULT_CHUNK_SIZE,))
         table.append((label, rows))
         torch.cuda.empty_cache()
 

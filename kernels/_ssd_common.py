@@ -65,6 +65,12 @@ def causal_decay(a_cum, CHUNK: tl.constexpr):
 
 
 @triton.jit
+def mm_fp32(a, b, PRECISION: tl.constexpr):
+    """a @ b with float32 operands: "ieee" (exact) or "tf32" (10-bit mantissas), for sums that cancel."""
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+
+
+@triton.jit
 def mm(a, b, DOT_DTYPE: tl.constexpr):
     """a @ b with operands in DOT_DTYPE (the inputs' dtype) and a float32 result; exact float32 for float32."""
     if DOT_DTYPE == tl.float32:

@@ -4,15 +4,17 @@ With g = dL/dy before the gate, u = dt x and S, dS a chunk's start state and end
     du = ((C B^T) * decay)^T g + exp(a_end - a_cum) B dS^T           -> dx, and dt through u
     d a_cum = rowsum(g * y_ssd) - rowsum(u * du) (+ the end state's share at the chunk end) -> dt, A
     dC = ((g u^T) * decay) B + exp(a_cum) g S,   dB = ((g u^T) * decay)^T C + exp(a_end - a_cum) u dS
-The first kernel owns one chunk of one head; the second one chunk of one group and sums over its heads, so
-dB and dC are written once, without atomics. Reference: autograd through ``ssmblocks.ops.ssd.ssd_ref``.
+d a_cum is a difference of large terms, so the first kernel forms y_ssd and du with float32 operands
+(``PRECISION``) from float32 states. The first kernel owns one chunk of one head; the second one chunk of
+one group and sums over its heads, so dB and dC are written once, without atomics.
+Reference: autograd through ``ssmblocks.ops.ssd.ssd_ref``.
 Shapes: x, z, dy: (t, h, p); dt: (t, h); B, C: (t, g, n); states, dstates: (k, h, p, n); d_a_end: (k, h).
 """
 
 import triton
 import triton.language as tl
 
-from ._ssd_common import causal_decay, chunk_dt, chunk_tokens, mm
+from ._ssd_common import causal_decay, chunk_dt, chunk_tokens, mm, mm_fp32
 
 
 @triton.jit
@@ -22,7 +24,7 @@ def ssd_scan_bwd_dx_kernel(
     seq_len, chunks_per_seq, heads, head_dim, ngroups, group_heads, d_state, dt_min, dt_max,
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Writes dx, dz and ddt (before the bias) of one chunk of one head; adds into dA, dD (h, p), ddt_bias."""
     k, head = tl.program_id(0), tl.program_id(1)
@@ -52,8 +54,8 @@ def ssd_scan_bwd_dx_kernel(
         state = tl.load(states + np_at, mask=mask_np, other=0.0)  # (n, p)
         dstate = tl.load(dstates + np_at, mask=mask_np, other=0.0)
         cb += mm(c_c, tl.trans(b_c), DOT_DTYPE)
-        y_state += mm(c_c, state, DOT_DTYPE)
-        du_state += mm(b_c, dstate, DOT_DTYPE)
+        y_state += mm_fp32(c_c, state, PRECISION)
+        du_state += mm_fp32(b_c, dstate, PRECISION)
 
     mask_cp = mask_c[:, None] & (offs_p[None, :] < head_dim)
     rows = tok[:, None] * heads * head_dim + head * head_dim + offs_p[None, :]
@@ -67,9 +69,9 @@ def ssd_scan_bwd_dx_kernel(
         g = dy_c
     cb = cb * causal_decay(a_cum, CHUNK)
     u = x_c * dt_c[:, None]
-    y_ssd = mm(cb, u, DOT_DTYPE) + y_state * tl.exp(a_cum)[:, None]
+    y_ssd = mm_fp32(cb, u, PRECISION) + y_state * tl.exp(a_cum)[:, None]
     du_state = du_state * tl.exp(a_end - a_cum)[:, None]
-    du = mm(tl.trans(cb), g, DOT_DTYPE) + du_state
+    du = mm_fp32(tl.trans(cb), g, PRECISION) + du_state
 
     d_a_cum = tl.sum(g * y_ssd, 1) - tl.sum(u * du, 1)
     d_a_chunk = tl.sum(tl.sum(u * du_state, 1), 0) + tl.load(d_a_end + k * heads + head)
