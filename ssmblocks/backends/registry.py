@@ -14,8 +14,13 @@
 | linear               | torch.nn.functional.linear             | linear (2..16 rows)                      |
 
 Every cpp implementation also needs plain CPU tensors, no gradient through them, no torch.compile tracing and the
-kernels built; the float32/float64-only ones say so in their condition (cpp_kernels.py). The ``triton`` backend
-(CUDA kernels in ``kernels/``) has no op yet; it is a valid selection, under which every op runs its torch path.
+kernels built; the float32/float64-only ones say so in their condition (cpp_kernels.py).
+
+| op                   | triton (triton_kernels.py: CUDA, autograd, custom ops; kernels in ``kernels/``)     |
+|----------------------|--------------------------------------------------------------------------------------|
+| ssd_scan             | ssd_scan (chunked; float32/bf16/fp16 inputs; chunk_size None or 16, 32, 64, 128)      |
+
+The other ops have no Triton implementation yet: under the selection "triton" they run their torch one.
 
 The rule. The selected backend (``use(name)``, else ``$SSMBLOCKS_BACKEND``, else "auto") names the candidates,
 tried in order; the first whose condition holds for the call's arguments runs:
@@ -42,6 +47,7 @@ from ..ops.norm import gated_rms_norm_torch, rms_norm_torch
 from ..ops.selective_scan import selective_scan_step_torch, selective_scan_torch
 from ..ops.ssd import ssd_scan_torch, ssd_step_torch
 from . import cpp_kernels as cpp
+from . import triton_kernels as triton
 
 BACKENDS = ("torch", "cpp", "triton")
 SELECTIONS = ("auto", *BACKENDS)
@@ -143,7 +149,12 @@ selective_scan_step = Op(
     selective_scan_step_torch,
     Implementation("cpp", cpp.selective_scan_step, cpp.selective_scan_step_may_run),
 )
-ssd_scan = Op("ssd_scan", ssd_scan_torch, Implementation("cpp", cpp.ssd_scan, cpp.ssd_scan_may_run))
+ssd_scan = Op(
+    "ssd_scan",
+    ssd_scan_torch,
+    Implementation("cpp", cpp.ssd_scan, cpp.ssd_scan_may_run),
+    Implementation("triton", triton.ssd_scan, triton.ssd_scan_may_run),
+)
 ssd_step = Op("ssd_step", ssd_step_torch)
 causal_conv1d = Op(
     "causal_conv1d", causal_conv1d_torch, Implementation("cpp", cpp.causal_conv1d, cpp.causal_conv1d_may_run)
@@ -176,19 +187,13 @@ OPS = {
 
 
 def available() -> list[str]:
-    """The backends that can run on this machine: torch; cpp where its kernels build; triton where Triton and
-    a CUDA device are present."""
+    """The backends that can run on this machine: torch; cpp where its kernels build; triton where Triton imports
+    and a CUDA device is present, or Triton's interpreter is on (``TRITON_INTERPRET=1``)."""
     import torch
 
     found = ["torch"]
     if cpp.library() is not None:
         found.append("cpp")
-    if torch.cuda.is_available() and _importable("triton"):
+    if (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1") and triton.importable():
         found.append("triton")
     return found
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None

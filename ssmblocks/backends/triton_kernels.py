@@ -1,0 +1,58 @@
+"""The ``triton`` backend: each op's Triton implementation (kernels in ``kernels/``, imported as
+``ssmblocks.kernels``) with the condition under which it may run.
+
+The kernels have a backward and are ``torch.library`` custom ops, so they run under autograd and inside
+``torch.compile``. They run on CUDA tensors; under Triton's interpreter (``TRITON_INTERPRET=1``, how CI tests
+them on the CPU) also on CPU tensors, when the selection is "triton". Triton is imported on first use only.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def importable() -> bool:
+    """Whether Triton is installed (found without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _ssd():
+    """``ssmblocks.kernels.ssd``, or None where Triton does not import."""
+    from .. import kernels
+
+    if not kernels.available():
+        return None
+    from ..kernels import ssd
+
+    return ssd
+
+
+def may_run(*tensors: torch.Tensor | None) -> bool:
+    """Plain tensors (no tensor subclass) on CUDA, or on the CPU under the interpreter with "triton" selected."""
+    from .registry import selected
+
+    present = [t for t in tensors if t is not None]
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and selected() == "triton"
+    return all(type(t) in _PLAIN and (t.is_cuda or (interpreted and t.device.type == "cpu")) for t in present)
+
+
+def ssd_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None):
+    chunk = _ssd().DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    return _ssd().ssd_chunked_triton(x, dt, A, B, C, D, z, initial_state=initial_state, chunk_size=chunk)
+
+
+def ssd_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None):
+    return (
+        x.dtype in _DTYPES
+        and may_run(x, dt, A, B, C, D, z, initial_state)
+        and (kernels := _ssd()) is not None
+        and (chunk_size is None or chunk_size in kernels.CHUNK_SIZES)
+    )
