@@ -6,23 +6,21 @@ For SSD (mamba2-130m shape) and SelectiveSSM (mamba-130m shape), fp32, in one pr
 transformers' Mamba2Mixer / MambaMixer with the same weights (its torch path, no cache), and the floor:
 the layer's nn.Linear projections alone on inputs of the right shapes. Repeats are interleaved (ours,
 theirs, projections, ours, ...) after two warm-up calls each; each figure is the median, so a slow moment of
-the machine hits all three. Target: ours <= 1.4x the projections. SelectiveSSM gets a second row, "torch
-scan": the same layer with selective_scan's C++ kernel switched off (the torch path it replaces), timed in
-the same interleaved loop.
+the machine hits all three. Target: ours <= 1.4x the projections. Each mixer gets a second row, "torch
+backend": the same layer under ``ssmblocks.backends.use("torch")`` (no C++ kernel), timed in the same
+interleaved loop.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import platform
 import statistics
 import time
 
 import torch
 
-from ssmblocks import SSD, SelectiveSSM
-from ssmblocks.ops.cpu_kernel import cpu_ops
+from ssmblocks import SSD, SelectiveSSM, backends
 
 
 def cpu_name() -> str:
@@ -48,7 +46,7 @@ def hf_mixer(ours, kind: str, args):
             n_groups=ours.n_groups,
             expand=2,
             conv_kernel=ours.d_conv,
-            chunk_size=ours.chunk_size,
+            chunk_size=ours.chunk_size or 256,
             num_hidden_layers=1,
         )
         theirs = tf.models.mamba2.modeling_mamba2.Mamba2Mixer(config, layer_idx=0)
@@ -72,16 +70,12 @@ def projections(layer, kind: str, x: torch.Tensor):
     return lambda: (layer.in_proj(x), layer.x_proj(inner), layer.dt_proj(low), layer.out_proj(inner))
 
 
-def without_cpu_kernel(fn):
-    """fn with selective_scan's C++ kernel switched off, so that it runs the torch path."""
-    module = importlib.import_module("ssmblocks.ops.selective_scan")
+def on_torch(fn):
+    """fn with only the torch implementations selected."""
 
     def run():
-        kernel, module.cpu_ops = module.cpu_ops, lambda: None
-        try:
+        with backends.use("torch"):
             return fn()
-        finally:
-            module.cpu_ops = kernel
 
     return run
 
@@ -112,7 +106,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}")
     print(f"fp32, batch {args.batch}, seqlen {args.seqlen}, d_model {args.d_model}, median of {args.repeats}")
-    print(f"C++ CPU kernel for the selective scan: {'built' if cpu_ops() is not None else 'not available'}\n")
+    print(f"backends on this machine: {', '.join(backends.available())}\n")
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.seqlen, args.d_model)
     mixers = {
@@ -126,10 +120,8 @@ def main() -> None:
         expected = theirs(x)
         err = ((ours(x) - expected).abs().max() / expected.abs().max()).item()
         fns = {"ours": lambda m=ours: m(x), "theirs": lambda m=theirs: m(x), "proj": projections(ours, kind, x)}
-        rows = {name: "ours"}
-        if kind == "selective":
-            fns["torch scan"] = without_cpu_kernel(fns["ours"])
-            rows["  same, torch scan"] = "torch scan"
+        fns["torch backend"] = on_torch(fns["ours"])
+        rows = {name: "ours", "  same, torch backend": "torch backend"}
         ms = median_ms(fns, args.repeats)
         for label, key in rows.items():
             row = [ms[key], ms["theirs"], ms["proj"], ms[key] / ms["proj"], ms["theirs"] / ms[key]]

@@ -7,8 +7,9 @@ torch.utils.cpp_extension on first use. Building needs a C++ compiler and ninja 
 and takes seconds, once: the library lands in torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``), later processes load it from there, and it is rebuilt when the sources or the
 flags change (torch hashes the ``.cpp`` files and the flags; ninja rebuilds the files whose headers changed).
-When it cannot be built or loaded, every op keeps its torch implementation, after one warning per process. The kernels use the widest vector unit the CPU
-has (AVX-512, AVX2, else the baseline); ``SSMBLOCKS_CPU_VECTORS=avx2`` or ``=baseline`` caps it for a process.
+When it cannot be built or loaded, every op keeps its torch implementation, after one warning per process. The
+kernels use the widest vector unit the CPU has (AVX-512, AVX2, else the baseline); ``SSMBLOCKS_CPU_VECTORS=avx2``
+or ``=baseline`` caps it for a process.
 
 None of the kernels has a backward, so each may run only where no gradient is needed: on the CPU, on plain
 tensors (no tensor subclass: quantized or distributed weights), outside autograd and torch.compile tracing.
