@@ -149,3 +149,25 @@ def test_wrong_state_is_named_when_the_plan_is_made(kernel):
     state.layers[0].ssm = torch.zeros(2, 1, 1, 1)  # made for another layer
     with pytest.raises(ssmblocks.errors.StateError, match=r"state.ssm has shape \(2, 1, 1, 1\)"):
         decode_plan(model, state)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("selection", ["auto", "torch"])
+def test_cuda_graph_plan_equals_the_forward(selection):
+    mixers = {
+        "s": MIXERS["mamba"],
+        "m": MIXERS["ssd-groups"],
+        "a": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2},
+    }
+    model = one_dtype_model(mixers, "s m a", torch.float32).cuda()
+    prompt = torch.randint(0, 50, (3, 5), device="cuda")
+    tokens = torch.randint(0, 50, (3, 4), device="cuda")
+    results = []
+    for graph in (True, False):
+        state = model.init_state(3, 16)
+        with backends.use(selection), torch.no_grad():
+            model(prompt, state=state)
+            plan = decode_plan(model, state, cuda_graph=graph)
+            results.append(torch.stack([plan(tokens[:, t]).clone() for t in range(4)], dim=1))
+        assert plan.kind == ("cuda_graph" if graph else "forward")
+    assert_close(results[0], results[1], 1e-5, "logits")

@@ -1,0 +1,105 @@
+"""A recipe's model trained on one GPU: the step time, tokens/s and peak memory under each backend selection,
+after a check that the selections agree on the loss and the gradients.
+
+    python benchmarks/gpu_train_step.py [--recipe mamba2-130m] [--batch 8] [--seqlen 2048] [--out DIR]
+
+bf16 autocast over float32 weights, AdamW, gradients of every parameter; the step is timed with CUDA events
+(median of --steps steps after --warmup). The log goes to DIR/gpu_train_step.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+
+import ssmblocks
+from ssmblocks import backends
+
+LOG: list[str] = []
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def step(model, optimizer, ids) -> torch.Tensor:
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def agreement(recipe, ids) -> None:
+    """Loss and gradients of the same weights under each selection, against the torch implementations."""
+    torch.manual_seed(0)
+    model = ssmblocks.build(recipe, device="cuda")
+    results = {}
+    for selection in ("torch", "auto"):
+        with backends.use(selection), backends.record() as calls:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(ids, labels=ids).loss
+            loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        results[selection] = (loss.item(), grads, sorted({f"{op}:{b}" for op, b in calls}))
+    ref_loss, ref_grads, _ = results["torch"]
+    loss, grads, ran = results["auto"]
+    worst = max(
+        ((grads[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in ref_grads.items() if g.norm() > 0
+    )
+    say(f"auto ran: {', '.join(ran)}")
+    say(f"loss torch {ref_loss:.5f}  auto {loss:.5f}  |diff| {abs(loss - ref_loss):.2e}")
+    say(f"largest relative gradient difference (norm), auto vs torch: {worst:.2e}")
+
+
+def timed(recipe, ids, selection: str, warmup: int, steps: int) -> tuple[float, float]:
+    """Median step time (ms) and peak memory (GiB) of training under ``selection``."""
+    torch.manual_seed(0)
+    model = ssmblocks.build(recipe, device="cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    with backends.use(selection):
+        for i in range(warmup + steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(model, optimizer, ids)
+            end.record()
+            torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(start.elapsed_time(end))
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="mamba2-130m")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--selections", nargs="+", default=["auto", "torch"])
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    recipe = ssmblocks.Recipe.from_yaml(Path(__file__).resolve().parents[1] / "recipes" / f"{args.recipe}.yaml")
+    say(f"{args.recipe} train step, batch {args.batch} x {args.seqlen}, bf16 autocast, {torch.cuda.get_device_name()}")
+    agreement(recipe, torch.randint(0, recipe.vocab_size, (2, 300), device="cuda"))
+    ids = torch.randint(0, recipe.vocab_size, (args.batch, args.seqlen), device="cuda")
+    tokens = args.batch * args.seqlen
+    say(f"{'selection':<10}{'ms/step':>10}{'tok/s':>10}{'peak GiB':>10}")
+    for selection in args.selections:
+        ms, gib = timed(recipe, ids, selection, args.warmup, args.steps)
+        say(f"{selection:<10}{ms:>10.1f}{tokens / ms * 1e3:>10.0f}{gib:>10.1f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_train_step.log").write_text("\n".join(LOG) + "\n")
+
+
+if __name__ == "__main__":
+    main()
