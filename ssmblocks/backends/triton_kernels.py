@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from . import registry
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -37,11 +39,11 @@ def _ssd():
 
 def may_run(*tensors: torch.Tensor | None) -> bool:
     """Plain tensors (no tensor subclass) on CUDA, or on the CPU under the interpreter with "triton" selected."""
-    from .registry import selected
-
     present = [t for t in tensors if t is not None]
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and selected() == "triton"
-    return all(type(t) in _PLAIN and (t.is_cuda or (interpreted and t.device.type == "cpu")) for t in present)
+    if all(type(t) in _PLAIN and t.is_cuda for t in present):
+        return True
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and registry.selected() == "triton"
+    return interpreted and all(type(t) in _PLAIN and t.device.type == "cpu" for t in present)
 
 
 def ssd_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None):
