@@ -49,8 +49,11 @@ def tensor_parallel(model: nn.Module, mesh) -> nn.Module:
     - SelectiveSSM: inner channels (t | d_inner); x_proj is split by its input, so dt, B and C are whole.
 
     Fused input projections are reordered so each rank's rows are contiguous; ``full_state_dict`` undoes
-    that. Each layer's head counts become the rank's own, so ``init_state`` gives the rank's share of the
-    state and generation runs unchanged on every rank. Returns the model, changed in place.
+    that. The layers keep their classes and their sizes (``n_heads`` is still the whole layer's): they compute
+    with the shards they hold (``local_heads`` and the like say how many), so ``init_state`` gives the rank's
+    share of the state and generation runs unchanged on every rank. The two behaviours a split SSD needs beyond
+    that are modules of their own, put in place of the layer's: ``BCGatheringConv1d`` and
+    ``GroupSpanningGatedRMSNorm``. Returns the model, changed in place.
     """
     t, rank = mesh.size(), mesh.get_local_rank()
     layers = [(name, m) for name, m in model.named_modules() if type(m) in _PLANS]
@@ -135,8 +138,6 @@ def _attention(attn: Attention, mesh, t: int, rank: int) -> dict:
     for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
         _split_linear(proj, mesh, ColwiseParallel())
     _split_linear(attn.o_proj, mesh, RowwiseParallel())
-    attn.n_heads //= t
-    attn.n_kv_heads //= t
     return {}
 
 
@@ -144,7 +145,6 @@ def _swiglu(mlp: SwiGLU, mesh, t: int, rank: int) -> dict:
     _split_linear(mlp.gate_proj, mesh, ColwiseParallel())
     _split_linear(mlp.up_proj, mesh, ColwiseParallel())
     _split_linear(mlp.down_proj, mesh, RowwiseParallel())
-    mlp.hidden_dim //= t
     return {}
 
 
@@ -161,8 +161,6 @@ def _selective_ssm(ssm: SelectiveSSM, mesh, t: int, rank: int) -> dict:
     _shard_rows(ssm, "A_log", mesh)
     _shard_rows(ssm, "D", mesh)
     _split_linear(ssm.out_proj, mesh, RowwiseParallel())
-    ssm.d_inner //= t
-    ssm.conv1d.channels //= t
     return _orders(in_proj=in_order)
 
 
@@ -213,16 +211,10 @@ def _ssd(ssd: SSD, mesh, t: int, rank: int) -> dict:
     _shard_rows(ssd.norm, "weight", mesh)
     _split_linear(ssd.out_proj, mesh, RowwiseParallel())
 
-    ssd.d_inner, ssd.n_heads = e // t, h // t
-    ssd.conv1d.channels = ssd.conv_dim = e // t + 2 * bc.shape[1]
-    ssd.norm.dim = e // t
-    if split_groups:
-        ssd.n_groups = g // t
-    else:
+    if not split_groups:
         group = rank // (t // g)  # the one group this rank's heads read
-        ssd.n_groups = 1
-        _become(ssd.conv1d, _ConvGatheringBC, group=mesh.get_group(), inner=e // t, n_groups=g, rank_group=group)
-        _become(ssd.norm, _GroupSpanningGatedRMSNorm, group=mesh.get_group(), n_groups=g, rank_group=group)
+        ssd.conv1d = BCGatheringConv1d(ssd.conv1d, mesh.get_group(), e // t, g, group)
+        ssd.norm = GroupSpanningGatedRMSNorm(ssd.norm, mesh.get_group(), g, group)
     return _orders(in_proj=in_order, conv1d=conv_order)
 
 
@@ -231,19 +223,17 @@ def _orders(**row_orders: torch.Tensor) -> dict[str, torch.Tensor]:
     return {f"{module}.{p}": order for module, order in row_orders.items() for p in ("weight", "bias")}
 
 
-def _become(module: nn.Module, cls: type, **attributes) -> None:
-    """Give ``module`` the tensor-parallel behaviour of ``cls`` (a subclass of its class), keeping its
-    parameters and their names."""
-    module.__class__ = cls
-    for key, value in attributes.items():
-        setattr(module, key, value)
-
-
-class _ConvGatheringBC(CausalConv1d):
-    """SSD's conv when each rank holds a slice of the state dimension of B and C: after the (channel-wise)
-    convolution, the slices of all ranks are summed into whole B and C of the rank's group.
+class BCGatheringConv1d(CausalConv1d):
+    """SSD's conv when each rank holds a slice of the state dimension of B and C (tensor parallelism with fewer
+    groups than ranks): after the (channel-wise) convolution, the slices of all ranks are summed into whole B
+    and C of the rank's group ``rank_group``. Takes over the parameters of ``conv``.
 
     Input (b, l, inner + 2 g n/t) = [x | B slice | C slice]; output (b, l, inner + 2 n) = [x | B | C]."""
+
+    def __init__(self, conv: CausalConv1d, group, inner: int, n_groups: int, rank_group: int):
+        super().__init__(conv.channels, conv.kernel_size, conv.bias is not None, conv.activation, device="meta")
+        self.weight, self.bias = conv.weight, conv.bias
+        self.group, self.inner, self.n_groups, self.rank_group = group, inner, n_groups, rank_group
 
     def conv(self, x, conv_state=None, mask=None):
         y = super().conv(x, conv_state, mask)
@@ -256,9 +246,15 @@ class _ConvGatheringBC(CausalConv1d):
         return torch.cat([xs, whole[:, :, :, self.rank_group].flatten(-2)], dim=-1)
 
 
-class _GroupSpanningGatedRMSNorm(GatedRMSNorm):
+class GroupSpanningGatedRMSNorm(GatedRMSNorm):
     """SSD's gated norm when one norm group spans several ranks: the sum of squares of the rank's channels
-    (all in group ``rank_group``) is summed across ranks. x, z: (b, l, d / t)."""
+    (all in group ``rank_group``) is summed across ranks. x, z: (b, l, d / t). Takes over the weight of
+    ``norm``."""
+
+    def __init__(self, norm: GatedRMSNorm, group, n_groups: int, rank_group: int):
+        super().__init__(norm.dim, norm.eps, norm.group_size, norm.norm_before_gate, device="meta")
+        self.weight = norm.weight
+        self.group, self.n_groups, self.rank_group = group, n_groups, rank_group
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         wd = torch.promote_types(x.dtype, torch.float32)

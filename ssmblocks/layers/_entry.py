@@ -24,6 +24,13 @@ def check_inputs(
     """
     name = type(layer).__name__
     check_hidden(x, d_model, name)
+    # the first weight (the input projection's, or the conv's) has the activation dtype; A_log, D, ... stay float32
+    weight = next(p for n, p in layer.named_parameters() if n.endswith("weight")).dtype
+    if x.dtype != weight and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name}: input dtype {x.dtype} differs from the layer's {weight}; cast one to the other "
+            "(layer.to(dtype) or x.to(dtype)), or run under torch.autocast"
+        )
     if cu_seqlens is not None:
         if state is not None:
             raise StateError(f"{name}: cu_seqlens (packed sequences) cannot be combined with a state")

@@ -15,6 +15,15 @@ def dt_bias_init(size: int, dt_min: float, dt_max: float, dt_init_floor: float, 
     return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
 
 
+def initial_state(state) -> torch.Tensor | None:
+    """The scan's initial state from a layer state: ``state.ssm``, which the layer then overwrites in place with
+    the final state; a copy of it under autograd, where the scan may keep its input for the backward
+    (training through a carried state, as in truncated backpropagation through time)."""
+    if state is None:
+        return None
+    return state.ssm.clone() if torch.is_grad_enabled() else state.ssm
+
+
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """t in float32, or float64 when it already is."""
     return t.to(torch.promote_types(t.dtype, torch.float32))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ..errors import check_positive
 from ..state import KVCache
 from ._entry import SequenceLayer
+from ._local import local
 from .linear import Linear
 
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
@@ -81,7 +82,7 @@ class Attention(SequenceLayer):
         device = self.q_proj.weight.device if device is None else device
         dtype = self.q_proj.weight.dtype if dtype is None else dtype
         cap = max_seqlen or 0
-        kv = (batch_size, self.n_kv_heads, cap, self.head_dim)
+        kv = (batch_size, self.local_kv_heads, cap, self.head_dim)
         return KVCache(
             k=torch.zeros(kv, device=device, dtype=dtype),
             v=torch.zeros(kv, device=device, dtype=dtype),
@@ -92,18 +93,24 @@ class Attention(SequenceLayer):
 
     def state_layout(self) -> dict:
         """Shape (after batch) and dtype of each state field, for checking a state handed in."""
-        kv = ((self.n_kv_heads, None, self.head_dim), None)
+        kv = ((self.local_kv_heads, None, self.head_dim), None)
         return {"k": kv, "v": kv, "valid": ((None,), torch.bool), "pos": ((), None), "cursor": ((), None)}
 
     @property
     def width(self) -> int:
         return self.d_model
 
+    @property
+    def local_kv_heads(self) -> int:
+        """The key/value heads whose weights this module holds: n_kv_heads, or a rank's share of them under
+        tensor parallelism (ssmblocks.distributed)."""
+        return local(self.k_proj.weight).shape[0] // self.head_dim
+
     def _mix(self, x: torch.Tensor, state: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         b, l, _ = x.shape
-        q = self.q_proj(x).view(b, l, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, l, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, l, self.n_kv_heads, self.head_dim)
+        q = self.q_proj(x).unflatten(-1, (-1, self.head_dim))  # (b, l, heads held here, p)
+        k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))
         real = torch.ones(b, l, dtype=torch.bool, device=x.device) if mask is None else mask
         start = 0 if state is None else state.pos[:, None]
         positions = (start + real.long().cumsum(1) - 1).clamp(min=0)  # (b, l): index among real tokens
@@ -116,7 +123,7 @@ class Attention(SequenceLayer):
             out = self._decode_step(q, k, v, real, state)
         else:
             out = self._masked(q, k, v, real, state)
-        return self.o_proj(out.reshape(b, l, self.n_heads * self.head_dim))
+        return self.o_proj(out.flatten(2))
 
     def _masked(self, q, k, v, real: torch.Tensor, state: KVCache | None) -> torch.Tensor:
         """Attention over the cache (if any) and the new tokens, skipping padded keys.
@@ -129,12 +136,15 @@ class Attention(SequenceLayer):
         if state is not None:
             offset = state.length
             state.reserve(l)
-            state.k[:, :, offset : offset + l] = k
-            state.v[:, :, offset : offset + l] = v
+            # keys and values as new tensors, not views of the cache, which later calls overwrite in place:
+            # autograd may keep them (training through a carried state)
+            k, v = torch.cat([state.k[:, :, :offset], k], dim=2), torch.cat([state.v[:, :, :offset], v], dim=2)
+            state.k[:, :, offset : offset + l] = k[:, :, offset:]
+            state.v[:, :, offset : offset + l] = v[:, :, offset:]
             state.valid[:, offset : offset + l] = real
             state.pos += real.sum(1)
             state.cursor += l
-            k, v, keys_real = state.k[:, :, : offset + l], state.v[:, :, : offset + l], state.valid[:, : offset + l]
+            keys_real = state.valid[:, : offset + l]
         query_slot = torch.arange(offset, offset + l, device=q.device)[:, None]
         key_slot = torch.arange(offset + l, device=q.device)
         allowed = (key_slot <= query_slot) & keys_real[:, None, :]  # (b, l, s)
@@ -151,14 +161,21 @@ class Attention(SequenceLayer):
         if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
             state.reserve(1)  # a capture must come with a cache preallocated for every step
         slot = state.cursor[:1].clone()  # (1,); a copy, since the cursor moves on below
-        state.k.index_copy_(2, slot, k.transpose(1, 2))
-        state.v.index_copy_(2, slot, v.transpose(1, 2))
+        keys, values = state.k, state.v
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # new tensors for autograd to keep, as the cache itself is overwritten by the next token
+            keys, values = keys.index_copy(2, slot, k.transpose(1, 2)), values.index_copy(2, slot, v.transpose(1, 2))
+            state.k.copy_(keys)
+            state.v.copy_(values)
+        else:
+            keys.index_copy_(2, slot, k.transpose(1, 2))
+            values.index_copy_(2, slot, v.transpose(1, 2))
         state.valid.index_copy_(1, slot, real)
         state.pos += real[:, 0]
         state.cursor += 1
         own = torch.arange(state.capacity, device=q.device) == slot
         allowed = (state.valid | own)[:, None, None, :]  # (b, 1, 1, capacity)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), state.k, state.v, attn_mask=allowed, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=allowed, enable_gqa=True)
         return out.transpose(1, 2)
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

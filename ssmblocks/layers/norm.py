@@ -65,7 +65,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
-        _check_last_dim(x, self.dim, name)
+        _check_last_dim(x, local(self.weight).shape[0], name)  # under tensor parallelism, the rank's share
         if z.shape != x.shape:
             raise ShapeError(f"{name}: gate z has shape {tuple(z.shape)}, x has {tuple(x.shape)}; they must match")
         return gated_rms_norm(x, z, local(self.weight), self.eps, self.group_size, self.norm_before_gate)

@@ -12,7 +12,7 @@ from ..errors import check_positive
 from ..ops import selective_scan, selective_scan_step
 from ..state import SSMState
 from ._entry import SequenceLayer
-from ._init import KeepFloat32, at_least_float32, dt_bias_init
+from ._init import KeepFloat32, at_least_float32, dt_bias_init, initial_state
 from ._local import local
 from .conv import CausalConv1d
 from .linear import Linear
@@ -88,20 +88,25 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
         device = self.in_proj.weight.device if device is None else device
         dtype = self.in_proj.weight.dtype if dtype is None else dtype
         return SSMState(
-            conv=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
-            ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=self.state_dtype),
+            conv=torch.zeros(batch_size, self.local_inner, self.d_conv - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch_size, self.local_inner, self.d_state, device=device, dtype=self.state_dtype),
         )
 
     def state_layout(self) -> dict:
         """Shape (after batch) and dtype of each state field, for checking a state handed in."""
         return {
-            "conv": ((self.d_inner, self.d_conv - 1), None),
-            "ssm": ((self.d_inner, self.d_state), self.state_dtype),
+            "conv": ((self.local_inner, self.d_conv - 1), None),
+            "ssm": ((self.local_inner, self.d_state), self.state_dtype),
         }
 
     @property
     def width(self) -> int:
         return self.d_model
+
+    @property
+    def local_inner(self) -> int:
+        """The inner channels this module holds: d_inner, or a rank's share under tensor parallelism."""
+        return local(self.D).shape[0]
 
     def _mix(self, x: torch.Tensor, state: SSMState | None, mask: torch.Tensor | None) -> torch.Tensor:
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
@@ -116,7 +121,7 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
         if state is not None and x.shape[1] == 1:
             y = selective_scan_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.ssm, D, z[:, 0])[:, None]
         else:
-            y, final = selective_scan(xs, dt, A, B, C, D, z, None if state is None else state.ssm)
+            y, final = selective_scan(xs, dt, A, B, C, D, z, initial_state(state))
             if state is not None:
                 state.ssm.copy_(final)
         return self.out_proj(y)

@@ -12,7 +12,7 @@ from ..errors import check_positive
 from ..ops import ssd_scan, ssd_step
 from ..state import SSMState
 from ._entry import SequenceLayer
-from ._init import KeepFloat32, at_least_float32, dt_bias_init
+from ._init import KeepFloat32, at_least_float32, dt_bias_init, initial_state
 from ._local import local
 from .conv import CausalConv1d
 from .linear import Linear
@@ -109,42 +109,53 @@ class SSD(KeepFloat32, SequenceLayer):
         device = self.in_proj.weight.device if device is None else device
         dtype = self.in_proj.weight.dtype if dtype is None else dtype
         return SSMState(
-            conv=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+            conv=torch.zeros(batch_size, self.local_conv_dim, self.d_conv - 1, device=device, dtype=dtype),
             ssm=torch.zeros(
-                batch_size, self.n_heads, self.head_dim, self.d_state, device=device, dtype=self.state_dtype
+                batch_size, self.local_heads, self.head_dim, self.d_state, device=device, dtype=self.state_dtype
             ),
         )
 
     def state_layout(self) -> dict:
         """Shape (after batch) and dtype of each state field, for checking a state handed in."""
-        ssm = (self.n_heads, self.head_dim, self.d_state)
-        return {"conv": ((self.conv_dim, self.d_conv - 1), None), "ssm": (ssm, self.state_dtype)}
+        ssm = (self.local_heads, self.head_dim, self.d_state)
+        return {"conv": ((self.local_conv_dim, self.d_conv - 1), None), "ssm": (ssm, self.state_dtype)}
 
     @property
     def width(self) -> int:
         return self.d_model
 
+    @property
+    def local_heads(self) -> int:
+        """The heads whose weights this module holds: n_heads, or a rank's share under tensor parallelism."""
+        return local(self.A_log).shape[0]
+
+    @property
+    def local_conv_dim(self) -> int:
+        """The conv channels this module holds: conv_dim, or a rank's share under tensor parallelism."""
+        return local(self.conv1d.weight).shape[0]
+
     def _mix(self, x: torch.Tensor, state: SSMState | None, mask: torch.Tensor | None) -> torch.Tensor:
         b, l, _ = x.shape
-        h, p, g, n = self.n_heads, self.head_dim, self.n_groups, self.d_state
-        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, h], dim=-1)
+        h, p, n = self.local_heads, self.head_dim, self.d_state
+        e = h * p
+        z, xbc, dt = self.in_proj(x).split([e, self.local_conv_dim, h], dim=-1)
         xbc = self.conv1d.conv(xbc, None if state is None else state.conv, mask)
-        xs, B, C = xbc.split([self.d_inner, g * n, g * n], dim=-1)
+        g = (xbc.shape[-1] - e) // (2 * n)  # the groups of B and C these heads read
+        xs, B, C = xbc.split([e, g * n, g * n], dim=-1)
         dt = F.softplus(at_least_float32(dt) + local(self.dt_bias)).clamp(*self.dt_limit)  # (b, l, h)
         if mask is not None:
             dt = dt * mask[..., None]  # dt = 0: no decay, no input
             xs = xs * mask[..., None]
         A, D = -torch.exp(local(self.A_log)), local(self.D)
-        D = D.view(h, p) if D.numel() == self.d_inner else D
+        D = D.view(h, p) if D.numel() == e else D
         xs, B, C = xs.view(b, l, h, p), B.view(b, l, g, n), C.view(b, l, g, n)
         if state is not None and l == 1:
             y = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.ssm, D)[:, None]
         else:
-            initial = None if state is None else state.ssm
-            y, final = ssd_scan(xs, dt, A, B, C, D, initial_state=initial, chunk_size=self.chunk_size)
+            y, final = ssd_scan(xs, dt, A, B, C, D, initial_state=initial_state(state), chunk_size=self.chunk_size)
             if state is not None:
                 state.ssm.copy_(final)
-        y = self.norm(y.reshape(b, l, self.d_inner), z)
+        y = self.norm(y.reshape(b, l, e), z)
         return self.out_proj(y)
 
     def extra_repr(self) -> str:

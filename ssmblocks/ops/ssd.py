@@ -27,7 +27,7 @@ def update_state(state: torch.Tensor, decay: torch.Tensor, u: torch.Tensor, v: t
     wd = decay.dtype
     if state.dtype == wd and not (torch.is_grad_enabled() and (state.requires_grad or u.requires_grad)):
         return state.mul_(decay).addcmul_(u, v)
-    new = decay * state.to(wd) + u * v
+    new = decay * state.to(wd, copy=True) + u * v  # a copy: autograd keeps it, and state is overwritten below
     state.copy_(new)
     return new
 

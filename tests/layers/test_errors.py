@@ -344,3 +344,13 @@ def test_ssm_state_in_another_dtype_than_state_dtype(name):
     state.ssm = state.ssm.to(torch.float16)
     with raises(StateError, layer, r"state\.ssm has dtype torch.float16, but the layer keeps it in torch.float32"):
         layer(torch.randn(2, 3, D_MODEL), state=state)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: SelectiveSSM(16), lambda: SSD(16, head_dim=8), lambda: Attention(16, n_heads=2)],
+    ids=["m1", "m2", "a"],
+)
+def test_an_input_of_another_dtype_is_named(make):
+    with pytest.raises(TypeError, match=r"input dtype torch.float64 differs from the layer's torch.float32"):
+        make()(torch.randn(1, 3, 16, dtype=torch.float64))

@@ -67,7 +67,7 @@ PADS = {
 
 @pytest.mark.parametrize("name", MIXERS)
 @pytest.mark.parametrize("pads", PADS.values(), ids=PADS.keys())
-def test_left_padded_batch_matches_rows_alone(name, pads):
+def test_left_padded_batch_matches_rows_alone(backend, name, pads):
     layer = MIXERS[name]()
     l = 12
     x = torch.randn(len(pads), l, D_MODEL)  # padded positions hold garbage, not zeros: they must not matter
@@ -81,7 +81,7 @@ def test_left_padded_batch_matches_rows_alone(name, pads):
 
 @pytest.mark.parametrize("name", MIXERS)
 @pytest.mark.parametrize("decode_mask", ["ones", "none"])
-def test_left_padded_prefill_then_decode_matches_rows_alone(name, decode_mask):
+def test_left_padded_prefill_then_decode_matches_rows_alone(backend, name, decode_mask):
     """The generation use case: prefill a left-padded batch through a state, then decode token by token."""
     layer = MIXERS[name]()
     pads, l, steps = [0, 4, 11], 12, 5

@@ -1,7 +1,7 @@
 """The state protocol of every stateful layer: one call == chunked calls == token-by-token decode.
 
 Each fp32 path is compared with a float64 run of the same layer (one call, no state), so the
-tolerance measures fp32 rounding only.
+tolerance measures fp32 rounding only. The main cases run on every backend of the machine (``backend``).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def float64_reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", MIXERS)
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_one_call_chunked_and_token_by_token_agree(name, grad):
+def test_one_call_chunked_and_token_by_token_agree(backend, name, grad):
     layer = MIXERS[name]()
     b, l = 2, 23
     x = torch.randn(b, l, D_MODEL)
@@ -74,7 +74,7 @@ def test_one_call_chunked_and_token_by_token_agree(name, grad):
 
 
 @pytest.mark.parametrize("name", MIXERS)
-def test_final_state_is_the_same_whichever_way_the_sequence_is_fed(name):
+def test_final_state_is_the_same_whichever_way_the_sequence_is_fed(backend, name):
     layer = MIXERS[name]()
     b, l = 2, 19
     x = torch.randn(b, l, D_MODEL)
