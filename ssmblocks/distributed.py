@@ -49,11 +49,11 @@ def tensor_parallel(model: nn.Module, mesh) -> nn.Module:
     - SelectiveSSM: inner channels (t | d_inner); x_proj is split by its input, so dt, B and C are whole.
 
     Fused input projections are reordered so each rank's rows are contiguous; ``full_state_dict`` undoes
-    that. The layers keep their classes and their sizes (``n_heads`` is still the whole layer's): they compute
-    with the shards they hold (``local_heads`` and the like say how many), so ``init_state`` gives the rank's
-    share of the state and generation runs unchanged on every rank. The two behaviours a split SSD needs beyond
-    that are modules of their own, put in place of the layer's: ``BCGatheringConv1d`` and
-    ``GroupSpanningGatedRMSNorm``. Returns the model, changed in place.
+    that. The layers keep their classes and their sizes (``n_heads`` is still the whole layer's); ``tp_size``
+    says over how many ranks they are split (``local_heads`` and the like: each rank's share), so
+    ``init_state`` gives the rank's share of the state and generation runs unchanged on every rank. The two
+    behaviours a split SSD needs beyond that are modules of their own, put in place of the layer's:
+    ``BCGatheringConv1d`` and ``GroupSpanningGatedRMSNorm``. Returns the model, changed in place.
     """
     t, rank = mesh.size(), mesh.get_local_rank()
     layers = [(name, m) for name, m in model.named_modules() if type(m) in _PLANS]
@@ -64,6 +64,7 @@ def tensor_parallel(model: nn.Module, mesh) -> nn.Module:
         prefix = f"{name}." if name else ""
         for param, order in _PLANS[type(module)](module, mesh, t, rank).items():
             orders[prefix + param] = order
+        module.tp_size = t
     model._tp_row_orders = orders
     return model
 

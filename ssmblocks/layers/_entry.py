@@ -48,10 +48,12 @@ class SequenceLayer(torch.nn.Module):
     layer's own computation (packed sequences go through it as a right-padded batch, state None).
 
     Subclasses set ``state_type`` and ``width`` (the size of the last input dimension) and implement
-    ``_mix`` and ``state_layout``.
+    ``_mix`` and ``state_layout``. Their sizes (``n_heads``, ``d_inner``, ...) are the whole layer's; under
+    tensor parallelism over ``tp_size`` ranks each rank computes its share (``local_heads``, ...).
     """
 
     state_type: type
+    tp_size = 1  # the ranks tensor parallelism splits the layer over (ssmblocks.distributed sets it)
 
     def forward(
         self,

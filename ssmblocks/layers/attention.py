@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from ..errors import check_positive
 from ..state import KVCache
 from ._entry import SequenceLayer
-from ._local import local
 from .linear import Linear
 
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
@@ -102,9 +101,8 @@ class Attention(SequenceLayer):
 
     @property
     def local_kv_heads(self) -> int:
-        """The key/value heads whose weights this module holds: n_kv_heads, or a rank's share of them under
-        tensor parallelism (ssmblocks.distributed)."""
-        return local(self.k_proj.weight).shape[0] // self.head_dim
+        """The key/value heads this module computes: n_kv_heads, or a rank's share under tensor parallelism."""
+        return self.n_kv_heads // self.tp_size
 
     def _mix(self, x: torch.Tensor, state: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         b, l, _ = x.shape

@@ -105,8 +105,8 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
 
     @property
     def local_inner(self) -> int:
-        """The inner channels this module holds: d_inner, or a rank's share under tensor parallelism."""
-        return local(self.D).shape[0]
+        """The inner channels this module computes: d_inner, or a rank's share under tensor parallelism."""
+        return self.d_inner // self.tp_size
 
     def _mix(self, x: torch.Tensor, state: SSMState | None, mask: torch.Tensor | None) -> torch.Tensor:
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each

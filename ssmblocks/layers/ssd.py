@@ -126,13 +126,13 @@ class SSD(KeepFloat32, SequenceLayer):
 
     @property
     def local_heads(self) -> int:
-        """The heads whose weights this module holds: n_heads, or a rank's share under tensor parallelism."""
-        return local(self.A_log).shape[0]
+        """The heads this module computes: n_heads, or a rank's share under tensor parallelism."""
+        return self.n_heads // self.tp_size
 
     @property
     def local_conv_dim(self) -> int:
-        """The conv channels this module holds: conv_dim, or a rank's share under tensor parallelism."""
-        return local(self.conv1d.weight).shape[0]
+        """The conv channels this module computes: conv_dim, or a rank's share under tensor parallelism."""
+        return self.conv_dim // self.tp_size
 
     def _mix(self, x: torch.Tensor, state: SSMState | None, mask: torch.Tensor | None) -> torch.Tensor:
         b, l, _ = x.shape
