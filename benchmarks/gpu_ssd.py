@@ -91,7 +91,8 @@ def check(name, shape, dtype, tol, softplus=True, limit=(0.0, float("inf")), len
         **kw, dt_softplus=softplus, dt_limit=limit, cu_seqlens=cu_seqlens, chunk_size=chunk or DEFAULT_CHUNK_SIZE
     )
     y_ref, final_ref, leaves = torch_reference(kw, softplus, limit, cu_seqlens)
-    dy, dfinal = torch.randn_like(y_ref), torch.randn_like(final_ref)
+    # the reference gets the very gradient the kernels get (rounded to y's dtype), so only the kernels differ
+    dy, dfinal = torch.randn_like(y_ref).to(y.dtype).float(), torch.randn_like(final_ref)
     poison()
     torch.autograd.backward((y, final), (dy.to(y.dtype), dfinal))
     torch.autograd.backward((y_ref, final_ref), (dy, dfinal))
@@ -153,6 +154,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".", help="folder for gpu_ssd.log")
     parser.add_argument("--peers", default=None, help="folder holding mamba_ssm's source (mamba_ssm/ops/triton)")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[DEFAULT_CHUNK_SIZE], help="our chunk sizes to time")
     opts = parser.parse_args()
     torch.manual_seed(0)
     say(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
@@ -190,7 +192,7 @@ def main():
     ]
     table = []
     for label, shape in shapes:
-        rows = bench_shape(label, *shape, mamba_combined, chunks=(DEFAULT_CHUNK_SIZE,))
+        rows = bench_shape(label, *shape, mamba_combined, chunks=opts.chunks)
         table.append((label, rows))
         torch.cuda.empty_cache()
 

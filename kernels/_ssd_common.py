@@ -66,7 +66,8 @@ def causal_decay(a_cum, CHUNK: tl.constexpr):
 
 @triton.jit
 def mm_fp32(a, b, PRECISION: tl.constexpr):
-    """a @ b with float32 operands: "ieee" (exact) or "tf32" (10-bit mantissas), for sums that cancel."""
+    """a @ b with float32 operands, for sums that cancel: "ieee" (exact) or "tf32x3" (three tf32 products,
+    near float32 accuracy on tensor cores)."""
     return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
 
 

@@ -196,7 +196,7 @@ def ssd_chunk_scan_bwd(
     ssd_scan_bwd_dx_kernel[(lay.n_chunks, lay.heads)](
         x, dt, dt_bias, A, B, C, D, z, dy, states, dstates, d_a_end, dx, ddt, dz, dA, dD, ddt_bias,
         lay.chunk_table, lay.cu_seqlens, *lay.args(), dt_min, dt_max, BLOCK_P=lay.block_p, HAS_D=D is not None,
-        D_PER_P=D is not None and D.dim() == 2, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        D_PER_P=D is not None and D.dim() == 2, PRECISION="ieee" if x.dtype == torch.float32 else "tf32x3",
         num_warps=lay.warps, num_stages=lay.stages, **flags,
     )
 
