@@ -1,11 +1,17 @@
 """GPU check: the torch paths on CUDA match CPU, and CUDA-graph decode gives eager's tokens, faster.
 
-Run on a CUDA machine:  python benchmarks/gpu_decode.py [--recipe recipes/mamba2-130m.yaml]
+Run on a CUDA machine:  python benchmarks/gpu_decode.py [--recipe recipes/mamba2-130m.yaml] [--peers DIR]
+
+With ``--peers`` (a folder holding mamba_ssm's source; a measuring stick, never a dependency) it also compares
+CUDA-graph decode, bf16, tokens/s per sequence at batch 1 and 32, with mamba_ssm's ``generate(cg=True)`` on a
+model of the same sizes. Both are timed as (time of 320 new tokens - time of 64) / 256 after a same-shape
+warm-up, so neither the prompt nor the graph capture is in the figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -54,10 +60,69 @@ def decode_speed(recipe_path: str, batch: int, prompt_len: int, new: int, dtype:
     )
 
 
+def per_token_seconds(run, short: int = 64, long: int = 320) -> float:
+    """Seconds per decode step of ``run(n_new)``: the difference of two lengths, after a warm-up of each."""
+    times = {}
+    for n in (short, long, short, long):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run(n)
+        torch.cuda.synchronize()
+        times[n] = time.perf_counter() - start  # the second (warm) run of each length is kept
+    return (times[long] - times[short]) / (long - short)
+
+
+def versus_mamba_ssm(recipe_path: str, peers: str) -> None:
+    """CUDA-graph decode tokens/s per sequence, ours against mamba_ssm's generate(cg=True), bf16."""
+    sys.path.insert(0, peers)
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    recipe = ssmblocks.Recipe.from_yaml(recipe_path)
+    (spec,) = recipe.mixers.values()
+    if spec.kind != "ssd":
+        print(f"{recipe.name}: mamba_ssm's Mamba1 decode needs its CUDA extension; compared for Mamba2 only")
+        return
+    ssm_cfg = dict(
+        layer="Mamba2",
+        d_state=spec.d_state,
+        d_conv=spec.d_conv,
+        expand=spec.expand,
+        headdim=spec.head_dim,
+        ngroups=spec.n_groups,
+    )
+    config = MambaConfig(
+        d_model=recipe.d_model,
+        n_layer=recipe.n_layers,
+        vocab_size=recipe.vocab_size,
+        ssm_cfg=ssm_cfg,
+        rms_norm=True,
+        residual_in_fp32=recipe.residual_in_fp32,
+        fused_add_norm=True,
+        pad_vocab_size_multiple=recipe.pad_vocab_size_multiple,
+        tie_embeddings=recipe.tie_embeddings,
+    )
+    peer = MambaLMHeadModel(config, device="cuda", dtype=torch.bfloat16).eval()
+    ours = ssmblocks.build(recipe, device="cuda", dtype=torch.bfloat16).eval()
+    for batch in (1, 32):
+        ids = torch.randint(0, recipe.vocab_size, (batch, 16), device="cuda")
+        t_ours = per_token_seconds(lambda n, ids=ids: generate(ours, ids, max_new_tokens=n, cuda_graph=True))
+        t_peer = per_token_seconds(lambda n, ids=ids: peer.generate(ids, max_length=16 + n, cg=True))
+        print(
+            f"{recipe.name} bf16 batch {batch}: ours {1 / t_ours:.0f} tok/s per sequence, "
+            f"mamba_ssm {1 / t_peer:.0f} ({t_peer / t_ours:.2f}x)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", action="append", default=None)
+    parser.add_argument("--peers", default=None, help="folder holding mamba_ssm's source: compare decode with it")
     args = parser.parse_args()
+    if args.peers:
+        for path in args.recipe or ["recipes/mamba2-130m.yaml"]:
+            versus_mamba_ssm(path, args.peers)
+        return
     print(torch.__version__, torch.cuda.get_device_name())
     layers_match_cpu()
     for path in args.recipe or [
