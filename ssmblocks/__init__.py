@@ -11,6 +11,18 @@ from .state import ConvState, KVCache, ModelState, SSMState
 
 __version__ = "0.1.0"
 
+# Submodules reachable as attributes (ssmblocks.quantization.quantize_int8) but imported on first use only.
+_LAZY_SUBMODULES = ("allocator", "distributed", "quantization")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ssmblocks' has no attribute {name!r}")
+
+
 __all__ = [
     "SSD",
     "Attention",
