@@ -13,7 +13,8 @@ from torch.utils.checkpoint import checkpoint
 from .errors import ShapeError
 from .generation import generate
 from .layers import SSD, Attention, RMSNorm, SelectiveSSM, SwiGLU
-from .layers.linear import Linear
+from .layers.lm_head import LMHead
+from .losses import chunked_cross_entropy, next_token_targets
 from .precision import warn_if_slow_bf16
 from .recipe import AttentionSpec, ParallelSpec, Recipe, SelectiveSSMSpec, SSDSpec
 from .state import ModelState
@@ -87,6 +88,12 @@ class CausalLM(nn.Module):
     ``LMOutput(logits (b, l, vocab_size), loss)``; the loss (mean cross-entropy of next-token prediction,
     labels shifted inside, -100 ignored) only when labels are given. Set ``model.gradient_checkpointing =
     True`` to keep only each block's input in training and recompute the block in backward.
+
+    Set ``model.loss_chunk_size = c`` to compute the loss from the final hidden states c tokens at a time,
+    each chunk's logits recomputed in backward (``losses.chunked_cross_entropy``), so the (b, l, vocab)
+    float32 logits never exist; the output's logits are then None when labels are given. They are None too
+    under a vocabulary-parallel head (``distributed.tensor_parallel(..., vocab_parallel=True)``), where no rank
+    holds whole logits.
     """
 
     def __init__(self, recipe: Recipe, device=None, dtype=None):
@@ -94,11 +101,12 @@ class CausalLM(nn.Module):
         self.recipe = recipe
         self.tokenizer = None  # set by from_pretrained when the checkpoint has a tokenizer.json
         self.gradient_checkpointing = False  # True: recompute each block in backward (training, no state)
+        self.loss_chunk_size: int | None = None  # tokens per chunk of the LM head and loss (None: all at once)
         kw = {"device": device, "dtype": dtype}
         self.embedding = nn.Embedding(recipe.padded_vocab_size, recipe.d_model, **kw)
         self.layers = nn.ModuleList(Block(recipe, name, device, dtype) for name in recipe.layers)
         self.norm_f = RMSNorm(recipe.d_model, recipe.norm.eps, **kw)
-        self.lm_head = Linear(recipe.d_model, recipe.padded_vocab_size, bias=False, **kw)
+        self.lm_head = LMHead(recipe.d_model, recipe.padded_vocab_size, recipe.vocab_size, **kw)
         if recipe.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
         if self.embedding.weight.device.type != "meta":
@@ -144,6 +152,8 @@ class CausalLM(nn.Module):
                 residual = checkpoint(block, residual, None, attention_mask, cu_seqlens, use_reentrant=False)
             else:
                 residual = block(residual, layer_state, attention_mask, cu_seqlens)
+        if labels is not None and (self.loss_chunk_size is not None or not self.lm_head.loss_from_logits):
+            return LMOutput(None, self.head_loss(residual, labels, cu_seqlens))
         logits = self.head(residual)
         loss = None if labels is None else self.loss(logits, labels, cu_seqlens)
         return LMOutput(logits, loss)
@@ -158,25 +168,21 @@ class CausalLM(nn.Module):
         hidden = self.norm_f(residual).to(self.lm_head.weight.dtype)
         return self.lm_head(hidden)[..., : self.recipe.vocab_size]
 
+    def head_loss(
+        self, residual: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``loss(head(residual), labels, cu_seqlens)`` without the whole logits: the final norm, then the LM
+        head's cross-entropy ``loss_chunk_size`` tokens at a time. residual: (b, l, d)."""
+        targets = next_token_targets(labels, residual.shape[:2], cu_seqlens).flatten()
+        hidden = self.norm_f(residual[:, :-1]).to(self.lm_head.weight.dtype).flatten(0, 1)
+        return chunked_cross_entropy(hidden, targets, self.lm_head.cross_entropy_sum, self.loss_chunk_size)
+
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy: position t predicts labels[t + 1]; -100 ignored; packed
         sequences (cu_seqlens) never predict across a boundary. labels: (b, l) integer, like the input ids."""
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"CausalLM: labels must be a torch.Tensor (b, l), got {type(labels).__name__}")
-        if labels.shape != logits.shape[:2]:
-            raise ShapeError(
-                f"CausalLM: labels must have the input's shape (batch, seqlen) = {tuple(logits.shape[:2])}, "
-                f"got {tuple(labels.shape)}"
-            )
-        if labels.dtype not in (torch.int64, torch.int32):
-            raise TypeError(
-                f"CausalLM: labels must be integer token ids (int64 or int32, -100 = ignore), got {labels.dtype}"
-            )
-        labels = labels[:, 1:].clone()
-        if cu_seqlens is not None:
-            labels[:, cu_seqlens[1:-1].long() - 1] = -100
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        targets = next_token_targets(labels, logits.shape[:2], cu_seqlens)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def _check_ids(self, input_ids: torch.Tensor, state: ModelState | None) -> None:
         if not isinstance(input_ids, torch.Tensor):

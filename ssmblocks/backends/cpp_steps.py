@@ -18,6 +18,7 @@ from torch import nn
 
 from ..layers import SSD, CausalConv1d, GatedRMSNorm, RMSNorm, SelectiveSSM
 from ..layers.linear import Linear
+from ..layers.lm_head import LMHead
 from ..state import SSMState, check_state
 from . import cpp_kernels, registry
 
@@ -88,7 +89,7 @@ def bind_head(model: nn.Module, residual: torch.Tensor) -> Step | None:
     """``model.head`` for decode's token, residual (b, 1, d) -> logits (b, 1, vocab_size), as one C++ call (the
     final norm and the LM head) for inputs like ``residual``; None where it may not run."""
     norm, head = model.norm_f, model.lm_head
-    if not _bindable(residual, (norm.weight, head.weight, head.bias), ((norm, RMSNorm), (head, Linear))):
+    if not _bindable(residual, (norm.weight, head.weight, head.bias), ((norm, RMSNorm), (head, LMHead))):
         return None
     args, vocab = (norm.weight, norm.eps, head.weight, head.bias), model.recipe.vocab_size
     call = _recorded("norm_linear", cpp_kernels.library().norm_linear, args)
