@@ -157,12 +157,16 @@ ssd_scan = Op(
 )
 ssd_step = Op("ssd_step", ssd_step_torch)
 causal_conv1d = Op(
-    "causal_conv1d", causal_conv1d_torch, Implementation("cpp", cpp.causal_conv1d, cpp.causal_conv1d_may_run)
+    "causal_conv1d",
+    causal_conv1d_torch,
+    Implementation("cpp", cpp.causal_conv1d, cpp.causal_conv1d_may_run),
+    Implementation("triton", triton.causal_conv1d, triton.causal_conv1d_may_run),
 )
 causal_conv1d_step = Op(
     "causal_conv1d_step",
     causal_conv1d_step_torch,
     Implementation("cpp", cpp.causal_conv1d_step, cpp.causal_conv1d_step_may_run),
+    Implementation("triton", triton.causal_conv1d_step, triton.causal_conv1d_step_may_run),
 )
 rms_norm = Op("rms_norm", rms_norm_torch, Implementation("cpp", cpp.rms_norm, cpp.rms_norm_may_run))
 gated_rms_norm = Op(
