@@ -168,9 +168,17 @@ causal_conv1d_step = Op(
     Implementation("cpp", cpp.causal_conv1d_step, cpp.causal_conv1d_step_may_run),
     Implementation("triton", triton.causal_conv1d_step, triton.causal_conv1d_step_may_run),
 )
-rms_norm = Op("rms_norm", rms_norm_torch, Implementation("cpp", cpp.rms_norm, cpp.rms_norm_may_run))
+rms_norm = Op(
+    "rms_norm",
+    rms_norm_torch,
+    Implementation("cpp", cpp.rms_norm, cpp.rms_norm_may_run),
+    Implementation("triton", triton.rms_norm, triton.rms_norm_may_run),
+)
 gated_rms_norm = Op(
-    "gated_rms_norm", gated_rms_norm_torch, Implementation("cpp", cpp.gated_rms_norm, cpp.gated_rms_norm_may_run)
+    "gated_rms_norm",
+    gated_rms_norm_torch,
+    Implementation("cpp", cpp.gated_rms_norm, cpp.gated_rms_norm_may_run),
+    Implementation("triton", triton.gated_rms_norm, triton.gated_rms_norm_may_run),
 )
 linear = Op("linear", F.linear, Implementation("cpp", cpp.linear, cpp.linear_may_run))
 

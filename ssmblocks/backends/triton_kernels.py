@@ -102,3 +102,30 @@ def causal_conv1d_step_may_run(x, conv_state, weight, bias=None, activation=None
         and conv_state.stride(-1) == 1
         and not _grad_needed(x, conv_state, weight, bias)  # a decode step: no backward
     )
+
+
+def _norm_may_run(x, weight, group_size, *others) -> bool:
+    group_size = group_size or x.shape[-1]
+    return (
+        x.dtype in _DTYPES
+        and x.numel() > 0
+        and may_run(x, weight, *others)
+        and (kernels := _kernel("norm")) is not None
+        and group_size <= kernels.MAX_GROUP
+    )
+
+
+def rms_norm(x, weight, eps, group_size=None):
+    return _kernel("norm").rms_norm_triton(x, weight, eps, group_size)
+
+
+def rms_norm_may_run(x, weight, eps, group_size=None):
+    return _norm_may_run(x, weight, group_size)
+
+
+def gated_rms_norm(x, z, weight, eps, group_size=None, norm_before_gate=False):
+    return _kernel("norm").gated_rms_norm_triton(x, z, weight, eps, group_size, norm_before_gate)
+
+
+def gated_rms_norm_may_run(x, z, weight, eps, group_size=None, norm_before_gate=False):
+    return _norm_may_run(x, weight, group_size, z)
