@@ -129,3 +129,17 @@ def gated_rms_norm(x, z, weight, eps, group_size=None, norm_before_gate=False):
 
 def gated_rms_norm_may_run(x, z, weight, eps, group_size=None, norm_before_gate=False):
     return _norm_may_run(x, weight, group_size, z)
+
+
+def ssd_step(x, dt, A, B, C, state, D=None, z=None):
+    return _kernel("ssd_step").ssd_step_triton(x, dt, A, B, C, state, D, z)
+
+
+def ssd_step_may_run(x, dt, A, B, C, state, D=None, z=None):
+    return (
+        x.dtype in _DTYPES
+        and may_run(x, dt, A, B, C, state, D, z)
+        and _kernel("ssd_step") is not None
+        and state.is_contiguous()
+        and not _grad_needed(x, dt, A, B, C, state, D, z)  # a decode step: no backward
+    )
