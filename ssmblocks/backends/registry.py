@@ -19,8 +19,14 @@ kernels built; the float32/float64-only ones say so in their condition (cpp_kern
 | op                   | triton (triton_kernels.py: CUDA, autograd, custom ops; kernels in ``kernels/``)     |
 |----------------------|--------------------------------------------------------------------------------------|
 | ssd_scan             | ssd_scan (chunked; float32/bf16/fp16 inputs; chunk_size None or 16, 32, 64, 128)      |
+| ssd_step             | ssd_step (state contiguous; no autograd: decode)                                     |
+| causal_conv1d        | causal_conv1d (width 2..4; mask, conv_state; no gradient for conv_state)             |
+| causal_conv1d_step   | causal_conv1d_step (width 2..4; state unit last stride; no autograd: decode)         |
+| rms_norm             | rms_norm (group_size <= 8192)                                                        |
+| gated_rms_norm       | gated_rms_norm (group_size <= 8192; norm_before_gate both ways)                      |
 
-The other ops have no Triton implementation yet: under the selection "triton" they run their torch one.
+Every triton implementation takes float32, bfloat16 or float16 inputs; selective_scan, selective_scan_step and
+linear have none: under the selection "triton" they run their torch one.
 
 The rule. The selected backend (``use(name)``, else ``$SSMBLOCKS_BACKEND``, else "auto") names the candidates,
 tried in order; the first whose condition holds for the call's arguments runs:
@@ -155,18 +161,30 @@ ssd_scan = Op(
     Implementation("cpp", cpp.ssd_scan, cpp.ssd_scan_may_run),
     Implementation("triton", triton.ssd_scan, triton.ssd_scan_may_run),
 )
-ssd_step = Op("ssd_step", ssd_step_torch)
+ssd_step = Op("ssd_step", ssd_step_torch, Implementation("triton", triton.ssd_step, triton.ssd_step_may_run))
 causal_conv1d = Op(
-    "causal_conv1d", causal_conv1d_torch, Implementation("cpp", cpp.causal_conv1d, cpp.causal_conv1d_may_run)
+    "causal_conv1d",
+    causal_conv1d_torch,
+    Implementation("cpp", cpp.causal_conv1d, cpp.causal_conv1d_may_run),
+    Implementation("triton", triton.causal_conv1d, triton.causal_conv1d_may_run),
 )
 causal_conv1d_step = Op(
     "causal_conv1d_step",
     causal_conv1d_step_torch,
     Implementation("cpp", cpp.causal_conv1d_step, cpp.causal_conv1d_step_may_run),
+    Implementation("triton", triton.causal_conv1d_step, triton.causal_conv1d_step_may_run),
 )
-rms_norm = Op("rms_norm", rms_norm_torch, Implementation("cpp", cpp.rms_norm, cpp.rms_norm_may_run))
+rms_norm = Op(
+    "rms_norm",
+    rms_norm_torch,
+    Implementation("cpp", cpp.rms_norm, cpp.rms_norm_may_run),
+    Implementation("triton", triton.rms_norm, triton.rms_norm_may_run),
+)
 gated_rms_norm = Op(
-    "gated_rms_norm", gated_rms_norm_torch, Implementation("cpp", cpp.gated_rms_norm, cpp.gated_rms_norm_may_run)
+    "gated_rms_norm",
+    gated_rms_norm_torch,
+    Implementation("cpp", cpp.gated_rms_norm, cpp.gated_rms_norm_may_run),
+    Implementation("triton", triton.gated_rms_norm, triton.gated_rms_norm_may_run),
 )
 linear = Op("linear", F.linear, Implementation("cpp", cpp.linear, cpp.linear_may_run))
 

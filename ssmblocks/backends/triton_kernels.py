@@ -37,6 +37,20 @@ def _ssd():
     return ssd
 
 
+@functools.cache
+def _kernel(name: str):
+    """The kernel module ``ssmblocks.kernels.<name>``, or None where Triton does not import."""
+    from .. import kernels
+
+    if not kernels.available():
+        return None
+    return importlib.import_module(f"{kernels.__name__}.{name}")
+
+
+def _grad_needed(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def may_run(*tensors: torch.Tensor | None) -> bool:
     """Plain tensors (no tensor subclass) on CUDA, or on the CPU under the interpreter with "triton" selected."""
     present = [t for t in tensors if t is not None]
@@ -57,4 +71,75 @@ def ssd_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_s
         and may_run(x, dt, A, B, C, D, z, initial_state)
         and (kernels := _ssd()) is not None
         and (chunk_size is None or chunk_size in kernels.CHUNK_SIZES)
+    )
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, conv_state=None, mask=None):
+    return _kernel("conv1d").causal_conv1d_triton(x, weight, bias, activation, conv_state, mask)
+
+
+def causal_conv1d_may_run(x, weight, bias=None, activation=None, conv_state=None, mask=None):
+    return (
+        x.dtype in _DTYPES
+        and x.dim() == 3
+        and may_run(x, weight, bias, conv_state, mask)
+        and (kernels := _kernel("conv1d")) is not None
+        and 2 <= weight.shape[-1] <= kernels.MAX_WIDTH
+        and not (conv_state is not None and conv_state.requires_grad)  # no gradient for the carried state
+    )
+
+
+def causal_conv1d_step(x, conv_state, weight, bias=None, activation=None):
+    return _kernel("conv1d").causal_conv1d_step_triton(x, conv_state, weight, bias, activation)
+
+
+def causal_conv1d_step_may_run(x, conv_state, weight, bias=None, activation=None):
+    return (
+        x.dtype in _DTYPES
+        and may_run(x, conv_state, weight, bias)
+        and (kernels := _kernel("conv1d")) is not None
+        and 2 <= weight.shape[-1] <= kernels.MAX_WIDTH
+        and conv_state.stride(-1) == 1
+        and not _grad_needed(x, conv_state, weight, bias)  # a decode step: no backward
+    )
+
+
+def _norm_may_run(x, weight, group_size, *others) -> bool:
+    group_size = group_size or x.shape[-1]
+    return (
+        x.dtype in _DTYPES
+        and x.numel() > 0
+        and may_run(x, weight, *others)
+        and (kernels := _kernel("norm")) is not None
+        and group_size <= kernels.MAX_GROUP
+    )
+
+
+def rms_norm(x, weight, eps, group_size=None):
+    return _kernel("norm").rms_norm_triton(x, weight, eps, group_size)
+
+
+def rms_norm_may_run(x, weight, eps, group_size=None):
+    return _norm_may_run(x, weight, group_size)
+
+
+def gated_rms_norm(x, z, weight, eps, group_size=None, norm_before_gate=False):
+    return _kernel("norm").gated_rms_norm_triton(x, z, weight, eps, group_size, norm_before_gate)
+
+
+def gated_rms_norm_may_run(x, z, weight, eps, group_size=None, norm_before_gate=False):
+    return _norm_may_run(x, weight, group_size, z)
+
+
+def ssd_step(x, dt, A, B, C, state, D=None, z=None):
+    return _kernel("ssd_step").ssd_step_triton(x, dt, A, B, C, state, D, z)
+
+
+def ssd_step_may_run(x, dt, A, B, C, state, D=None, z=None):
+    return (
+        x.dtype in _DTYPES
+        and may_run(x, dt, A, B, C, state, D, z)
+        and _kernel("ssd_step") is not None
+        and state.is_contiguous()
+        and not _grad_needed(x, dt, A, B, C, state, D, z)  # a decode step: no backward
     )
