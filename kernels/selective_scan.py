@@ -78,19 +78,49 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_si
     states = None if write_y else x.new_empty(b, triton.cdiv(l, chunk_size), e, n, dtype=torch.float32)
     init = None if initial_state is None else initial_state.float().contiguous()
     selective_scan_fwd_kernel[(b, triton.cdiv(e, block_e))](
-        x, dt, dt_bias, A, B, C, D, z, init, y, final, states, l, e, n,
-        CHUNK=chunk_size, BLOCK_E=block_e, BLOCK_N=block_n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_INIT=init is not None, WRITE_Y=write_y,
-        STORE_STATES=not write_y, num_warps=_FWD_WARPS,
-    )  # fmt: skip
+        x,
+        dt,
+        dt_bias,
+        A,
+        B,
+        C,
+        D,
+        z,
+        init,
+        y,
+        final,
+        states,
+        l,
+        e,
+        n,
+        CHUNK=chunk_size,
+        BLOCK_E=block_e,
+        BLOCK_N=block_n,
+        HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_INIT=init is not None,
+        WRITE_Y=write_y,
+        STORE_STATES=not write_y,
+        num_warps=_FWD_WARPS,
+    )
     return y, final, states
 
 
 @torch.library.custom_op("ssmblocks_triton::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
-    initial_state: torch.Tensor | None, dt_softplus: bool, chunk_size: int,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    dt_softplus: bool,
+    chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y: (b, l, e) in x's dtype, final_state: (b, e, n) float32."""
     x, dt, A, B, C, D, z, dt_bias = _contiguous(x, dt, A, B, C, D, z, dt_bias)
@@ -105,11 +135,30 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size):
 
 @torch.library.custom_op("ssmblocks_triton::selective_scan_bwd", mutates_args=())
 def selective_scan_bwd(
-    dy: torch.Tensor, dfinal: torch.Tensor | None, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
-    B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
-    dt_bias: torch.Tensor | None, initial_state: torch.Tensor | None, dt_softplus: bool, chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:
+    dy: torch.Tensor,
+    dfinal: torch.Tensor | None,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    dt_softplus: bool,
+    chunk_size: int,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
     """(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_state), each shaped and typed like its input;
     the gradient of an absent optional input is an empty tensor."""
     dy, dfinal, x, dt, A, B, C, D, z, dt_bias = _contiguous(dy, dfinal, x, dt, A, B, C, D, z, dt_bias)
@@ -124,18 +173,55 @@ def selective_scan_bwd(
     dD_part, dbias_part = (x.new_empty(b, e, dtype=torch.float32) for _ in range(2))
     dinit = x.new_empty(b, e, n, dtype=torch.float32) if initial_state is not None else None
     selective_scan_bwd_kernel[(b, triton.cdiv(e, block_e))](
-        x, dt, dt_bias, A, B, C, D, z, dy, states, dfinal, dx, ddt, dz, dB, dC, dA_part, dD_part, dbias_part,
-        dinit, l, e, n,
-        CHUNK=chunk_size, BLOCK_E=block_e, BLOCK_N=block_n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_DFINAL=dfinal is not None, HAS_INIT=dinit is not None,
+        x,
+        dt,
+        dt_bias,
+        A,
+        B,
+        C,
+        D,
+        z,
+        dy,
+        states,
+        dfinal,
+        dx,
+        ddt,
+        dz,
+        dB,
+        dC,
+        dA_part,
+        dD_part,
+        dbias_part,
+        dinit,
+        l,
+        e,
+        n,
+        CHUNK=chunk_size,
+        BLOCK_E=block_e,
+        BLOCK_N=block_n,
+        HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_DFINAL=dfinal is not None,
+        HAS_INIT=dinit is not None,
         num_warps=_BWD_WARPS,
-    )  # fmt: skip
+    )
 
     def like(grad, t):
         return x.new_empty(0) if t is None else grad.to(t.dtype)
 
-    return (dx, ddt, dA_part.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), like(dD_part.sum(0), D),
-            like(dz, z), like(dbias_part.sum(0), dt_bias), like(dinit, initial_state))  # fmt: skip
+    return (
+        dx,
+        ddt,
+        dA_part.sum(0).to(A.dtype),
+        dB.to(B.dtype),
+        dC.to(C.dtype),
+        like(dD_part.sum(0), D),
+        like(dz, z),
+        like(dbias_part.sum(0), dt_bias),
+        like(dinit, initial_state),
+    )
 
 
 @selective_scan_bwd.register_fake
@@ -143,8 +229,17 @@ def _(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chu
     def like(t):
         return x.new_empty(0) if t is None else torch.empty_like(t)
 
-    return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(C), like(D), like(z), like(dt_bias), like(initial_state))  # fmt: skip
+    return (
+        torch.empty_like(x),
+        torch.empty_like(dt),
+        torch.empty_like(A),
+        torch.empty_like(B),
+        torch.empty_like(C),
+        like(D),
+        like(z),
+        like(dt_bias),
+        like(initial_state),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -190,8 +285,14 @@ def selective_scan_triton(
 
 @torch.library.custom_op("ssmblocks_triton::selective_scan_step", mutates_args=("state",))
 def selective_scan_step(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, state: torch.Tensor,
-    D: torch.Tensor | None, z: torch.Tensor | None,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    state: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
 ) -> torch.Tensor:
     """y: (b, e) in x's dtype; ``state`` (b, e, n, contiguous) updated in place."""
     x, dt, A, B, C, D, z = _contiguous(x, dt, A, B, C, D, z)
@@ -199,9 +300,23 @@ def selective_scan_step(
     block_e, block_n = _blocks(e, A.shape[1], 1024)
     y = torch.empty_like(x)
     selective_scan_step_kernel[(b, triton.cdiv(e, block_e))](
-        x, dt, A, B, C, D, z, state, y, e, A.shape[1], BLOCK_E=block_e, BLOCK_N=block_n, HAS_D=D is not None,
-        HAS_Z=z is not None, num_warps=4,
-    )  # fmt: skip
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D,
+        z,
+        state,
+        y,
+        e,
+        A.shape[1],
+        BLOCK_E=block_e,
+        BLOCK_N=block_n,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        num_warps=4,
+    )
     return y
 
 

@@ -16,10 +16,37 @@ from .selective_scan_fwd import first_order_combine, load_dt
 
 @triton.jit
 def selective_scan_bwd_kernel(
-    x, dt, dt_bias, A, B, C, D, z, dy, states, dfinal, dx, ddt, dz, dB, dC, dA_part, dD_part, dbias_part,
-    dinit, seq_len, width, d_state,
-    CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    x,
+    dt,
+    dt_bias,
+    A,
+    B,
+    C,
+    D,
+    z,
+    dy,
+    states,
+    dfinal,
+    dx,
+    ddt,
+    dz,
+    dB,
+    dC,
+    dA_part,
+    dD_part,
+    dbias_part,
+    dinit,
+    seq_len,
+    width,
+    d_state,
+    CHUNK: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_DFINAL: tl.constexpr,
     HAS_INIT: tl.constexpr,
 ):
     seq, block = tl.program_id(0), tl.program_id(1)
@@ -79,8 +106,9 @@ def selective_scan_bwd_kernel(
         next_ok = (offs_c + 1 < CHUNK)[:, None] & (pos + 1 < seq_len)[:, None] & mask_e[None, :]
         dt_next, _ = load_dt(dt, bias, rows + width, next_ok, HAS_BIAS, SOFTPLUS)
         decay_next = tl.exp(dt_next[:, :, None] * a_en[None, :, :])
-        carried, dh = tl.associative_scan((decay_next, g[:, :, None] * c_c[:, None, :]), 0, first_order_combine,
-                                          reverse=True)
+        carried, dh = tl.associative_scan(
+            (decay_next, g[:, :, None] * c_c[:, None, :]), 0, first_order_combine, reverse=True
+        )
         dh += carried * dstate[None, :, :]
         dstate = tl.sum(tl.where(first, decay * dh, 0.0), 0)
 

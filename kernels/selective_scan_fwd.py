@@ -40,10 +40,31 @@ def load_dt(dt, bias, rows, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr
 
 @triton.jit
 def selective_scan_fwd_kernel(
-    x, dt, dt_bias, A, B, C, D, z, init, y, final, states, seq_len, width, d_state,
-    CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_INIT: tl.constexpr,
-    WRITE_Y: tl.constexpr, STORE_STATES: tl.constexpr,
+    x,
+    dt,
+    dt_bias,
+    A,
+    B,
+    C,
+    D,
+    z,
+    init,
+    y,
+    final,
+    states,
+    seq_len,
+    width,
+    d_state,
+    CHUNK: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    STORE_STATES: tl.constexpr,
 ):
     """Writes y (when WRITE_Y), final[b] and, when STORE_STATES, states[b, k] = the state before chunk k."""
     seq, block = tl.program_id(0), tl.program_id(1)

@@ -11,8 +11,21 @@ import triton.language as tl
 
 @triton.jit
 def selective_scan_step_kernel(
-    x, dt, A, B, C, D, z, state, y, width, d_state,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D,
+    z,
+    state,
+    y,
+    width,
+    d_state,
+    BLOCK_E: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
 ):
     seq, block = tl.program_id(0), tl.program_id(1)
     offs_e = block * BLOCK_E + tl.arange(0, BLOCK_E)
