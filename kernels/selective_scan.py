@@ -2,8 +2,8 @@
 
 ``selective_scan_triton`` computes, with dt_eff = softplus(dt + dt_bias) if dt_softplus else dt + dt_bias,
 exactly ``ssmblocks.ops.selective_scan.selective_scan_ref(x, dt_eff, A, B, C, D, z, initial_state)`` (the
-reference) in float32 with a float32 state. Forward: one kernel (selective_scan_fwd.py); backward: the forward
-again, keeping each chunk's start state (float32, (b, l / c, e, n)), then one reverse kernel
+reference) in float32 with a float32 state. Forward: one kernel (selective_scan_fwd.py), which under autograd
+also keeps each chunk's start state (float32, (b, l / c, e, n)) for the backward, one reverse kernel
 (selective_scan_bwd.py). ``selective_scan_step_triton`` is ``selective_scan_step_torch``
 (selective_scan_step.py).
 Shapes: x, dt, z: (b, l, e); A: (e, n); B, C: (b, l, n); D, dt_bias: (e,); initial_state, final_state: (b, e, n).
@@ -68,14 +68,30 @@ def _contiguous(*tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
 
-def _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, write_y):
-    """(y or None, final (b, e, n) float32, chunk start states (b, k, e, n) float32 or None)."""
+@torch.library.custom_op("ssmblocks_triton::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    dt_softplus: bool,
+    chunk_size: int,
+    keep_states: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y: (b, l, e) in x's dtype, final_state: (b, e, n) float32 and, for the backward when ``keep_states``,
+    the state before each chunk: (b, ceil(l / c), e, n) float32 (else an empty tensor)."""
+    x, dt, A, B, C, D, z, dt_bias = _contiguous(x, dt, A, B, C, D, z, dt_bias)
     b, l, e = x.shape
     n = A.shape[1]
     block_e, block_n = _blocks(e, n, _FWD_TILE // chunk_size)
-    y = torch.empty_like(x) if write_y else None
+    y = torch.empty_like(x)
     final = x.new_empty(b, e, n, dtype=torch.float32)
-    states = None if write_y else x.new_empty(b, triton.cdiv(l, chunk_size), e, n, dtype=torch.float32)
+    states = x.new_empty(b, triton.cdiv(l, chunk_size) if keep_states else 0, e, n, dtype=torch.float32)
     init = None if initial_state is None else initial_state.float().contiguous()
     selective_scan_fwd_kernel[(b, triton.cdiv(e, block_e))](
         x,
@@ -101,42 +117,28 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_si
         HAS_D=D is not None,
         HAS_Z=z is not None,
         HAS_INIT=init is not None,
-        WRITE_Y=write_y,
-        STORE_STATES=not write_y,
+        STORE_STATES=keep_states,
         num_warps=_FWD_WARPS,
     )
     return y, final, states
 
 
-@torch.library.custom_op("ssmblocks_triton::selective_scan_fwd", mutates_args=())
-def selective_scan_fwd(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    dt_bias: torch.Tensor | None,
-    initial_state: torch.Tensor | None,
-    dt_softplus: bool,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """y: (b, l, e) in x's dtype, final_state: (b, e, n) float32."""
-    x, dt, A, B, C, D, z, dt_bias = _contiguous(x, dt, A, B, C, D, z, dt_bias)
-    y, final, _ = _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, write_y=True)
-    return y, final
-
-
 @selective_scan_fwd.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size):
-    return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[2], A.shape[1], dtype=torch.float32)
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, keep_states):
+    (b, l, e), n = x.shape, A.shape[1]
+    chunks = -(-l // chunk_size) if keep_states else 0
+    return (
+        torch.empty_like(x),
+        x.new_empty(b, e, n, dtype=torch.float32),
+        x.new_empty(b, chunks, e, n, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("ssmblocks_triton::selective_scan_bwd", mutates_args=())
 def selective_scan_bwd(
     dy: torch.Tensor,
     dfinal: torch.Tensor | None,
+    states: torch.Tensor,
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -162,7 +164,6 @@ def selective_scan_bwd(
     """(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_state), each shaped and typed like its input;
     the gradient of an absent optional input is an empty tensor."""
     dy, dfinal, x, dt, A, B, C, D, z, dt_bias = _contiguous(dy, dfinal, x, dt, A, B, C, D, z, dt_bias)
-    _, _, states = _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, write_y=False)
     b, l, e = x.shape
     n = A.shape[1]
     block_e, block_n = _blocks(e, n, _BWD_TILE // chunk_size)
@@ -225,7 +226,7 @@ def selective_scan_bwd(
 
 
 @selective_scan_bwd.register_fake
-def _(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size):
+def _(dy, dfinal, states, x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size):
     def like(t):
         return x.new_empty(0) if t is None else torch.empty_like(t)
 
@@ -243,18 +244,21 @@ def _(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chu
 
 
 def _setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, z, dt_bias, initial_state, *flags = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state)
-    ctx.flags = flags
+    x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, keep_states = inputs
+    if not keep_states:
+        raise RuntimeError("selective_scan_fwd: a backward needs the chunk states (keep_states=True)")
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, output[2])
+    ctx.flags = dt_softplus, chunk_size
 
 
-def _backward(ctx, dy, dfinal):
-    x, dt, A, B, C, D, z, dt_bias, initial_state = ctx.saved_tensors
-    grads = selective_scan_bwd(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_state, *ctx.flags)
+def _backward(ctx, dy, dfinal, dstates):
+    """Gradients of the inputs; the states are an auxiliary output (their gradient, zeros, is not used)."""
+    x, dt, A, B, C, D, z, dt_bias, initial_state, states = ctx.saved_tensors
+    grads = selective_scan_bwd(dy, dfinal, states, x, dt, A, B, C, D, z, dt_bias, initial_state, *ctx.flags)
     dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
     optional = zip((dD, dz, ddt_bias, dinit), (D, z, dt_bias, initial_state), strict=True)
     dD, dz, ddt_bias, dinit = (None if t is None else g for g, t in optional)
-    return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit, None, None
+    return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit, None, None, None
 
 
 selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -280,7 +284,10 @@ def selective_scan_triton(
     Returns (y in x's dtype, final_state float32). Non-contiguous inputs are copied.
     """
     _check(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size)
-    return selective_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size)
+    inputs = (x, dt, A, B, C, D, z, dt_bias, initial_state)
+    keep_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    y, final, _ = selective_scan_fwd(*inputs, dt_softplus, chunk_size, keep_states)
+    return y, final
 
 
 @torch.library.custom_op("ssmblocks_triton::selective_scan_step", mutates_args=("state",))

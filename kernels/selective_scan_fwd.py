@@ -63,10 +63,9 @@ def selective_scan_fwd_kernel(
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_INIT: tl.constexpr,
-    WRITE_Y: tl.constexpr,
     STORE_STATES: tl.constexpr,
 ):
-    """Writes y (when WRITE_Y), final[b] and, when STORE_STATES, states[b, k] = the state before chunk k."""
+    """Writes y, final[b] and, when STORE_STATES, states[b, k] = the state before chunk k."""
     seq, block = tl.program_id(0), tl.program_id(1)
     offs_e = block * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
@@ -103,13 +102,12 @@ def selective_scan_fwd_kernel(
         decay_cum, h = tl.associative_scan((decay, u), 0, first_order_combine)
         h += decay_cum * state[None, :, :]
         state = tl.sum(tl.where(last, h, 0.0), 0)  # padded rows carry the last real state
-        if WRITE_Y:
-            c_c = tl.load(C + tok[:, None] * d_state + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
-            out = tl.sum(h * c_c[:, None, :], 2)  # (c, e)
-            if HAS_D:
-                out += x_c * d_skip[None, :]
-            if HAS_Z:
-                z_c = tl.load(z + rows, mask=mask_ce, other=0.0).to(tl.float32)
-                out *= z_c * tl.sigmoid(z_c)
-            tl.store(y + rows, out.to(y.dtype.element_ty), mask=mask_ce)
+        c_c = tl.load(C + tok[:, None] * d_state + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
+        out = tl.sum(h * c_c[:, None, :], 2)  # (c, e)
+        if HAS_D:
+            out += x_c * d_skip[None, :]
+        if HAS_Z:
+            z_c = tl.load(z + rows, mask=mask_ce, other=0.0).to(tl.float32)
+            out *= z_c * tl.sigmoid(z_c)
+        tl.store(y + rows, out.to(y.dtype.element_ty), mask=mask_ce)
     tl.store(final + seq * width * d_state + en, state, mask=mask_en)

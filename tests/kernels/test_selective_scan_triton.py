@@ -106,10 +106,12 @@ def test_final_state_gradient_alone():
 def test_custom_ops_pass_opcheck():
     kw = make_inputs(1, 9, 4, 4, True, True, True, True)
     args = [kw[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")]
-    torch.library.opcheck(selective_scan_fwd, (*args, True, 8))
-    y, final = selective_scan_fwd(*args, True, 8)
+    torch.library.opcheck(selective_scan_fwd, (*args, True, 8, True))
+    y, final, states = selective_scan_fwd(*args, True, 8, True)
+    assert states.shape == (1, 2, 4, 4)  # the state before each of the 2 chunks, kept for the backward
     plain = [t.detach() for t in args]
-    torch.library.opcheck(selective_scan_bwd, (torch.randn_like(y), torch.randn_like(final), *plain, True, 8))
+    grads = (torch.randn_like(y), torch.randn_like(final), states.detach())
+    torch.library.opcheck(selective_scan_bwd, (*grads, *plain, True, 8))
     step = (plain[0][:, 0], plain[1][:, 0].abs(), plain[2], plain[3][:, 0], plain[4][:, 0])
     torch.library.opcheck(selective_scan_step, (*step, torch.randn(1, 4, 4, device=DEVICE), plain[5], plain[6][:, 0]))
 
