@@ -18,6 +18,8 @@ kernels built; the float32/float64-only ones say so in their condition (cpp_kern
 
 | op                   | triton (triton_kernels.py: CUDA, autograd, custom ops; kernels in ``kernels/``)     |
 |----------------------|--------------------------------------------------------------------------------------|
+| selective_scan       | selective_scan (chunked; float32/bf16/fp16 inputs; chunk_size None or 8, 16, 32, 64) |
+| selective_scan_step  | selective_scan_step (no autograd; state contiguous, float32/bf16/fp16)               |
 | ssd_scan             | ssd_scan (chunked; float32/bf16/fp16 inputs; chunk_size None or 16, 32, 64, 128)      |
 | ssd_step             | ssd_step (state contiguous; no autograd: decode)                                     |
 | causal_conv1d        | causal_conv1d (width 2..4; mask, conv_state; no gradient for conv_state)             |
@@ -148,12 +150,16 @@ class Op:
 
 
 selective_scan = Op(
-    "selective_scan", selective_scan_torch, Implementation("cpp", cpp.selective_scan, cpp.selective_scan_may_run)
+    "selective_scan",
+    selective_scan_torch,
+    Implementation("cpp", cpp.selective_scan, cpp.selective_scan_may_run),
+    Implementation("triton", triton.selective_scan, triton.selective_scan_may_run),
 )
 selective_scan_step = Op(
     "selective_scan_step",
     selective_scan_step_torch,
     Implementation("cpp", cpp.selective_scan_step, cpp.selective_scan_step_may_run),
+    Implementation("triton", triton.selective_scan_step, triton.selective_scan_step_may_run),
 )
 ssd_scan = Op(
     "ssd_scan",

@@ -143,3 +143,35 @@ def ssd_step_may_run(x, dt, A, B, C, state, D=None, z=None):
         and state.is_contiguous()
         and not _grad_needed(x, dt, A, B, C, state, D, z)  # a decode step: no backward
     )
+
+
+def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None):
+    chunk = _kernel("selective_scan").DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    return _kernel("selective_scan").selective_scan_triton(
+        x, dt, A, B, C, D, z, initial_state=initial_state, chunk_size=chunk
+    )
+
+
+def selective_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None):
+    return (
+        x.dtype in _DTYPES
+        and may_run(x, dt, A, B, C, D, z, initial_state)
+        and (kernels := _kernel("selective_scan")) is not None
+        and (chunk_size is None or chunk_size in kernels.CHUNK_SIZES)
+    )
+
+
+def selective_scan_step(x, dt, A, B, C, state, D=None, z=None):
+    return _kernel("selective_scan").selective_scan_step_triton(x, dt, A, B, C, state, D, z)
+
+
+def selective_scan_step_may_run(x, dt, A, B, C, state, D=None, z=None):
+    """Also: a contiguous state updated in place, and no gradient through the step (the kernel has no backward)."""
+    return (
+        x.dtype in _DTYPES
+        and state.dtype in _DTYPES
+        and state.is_contiguous()
+        and not _grad_needed(x, dt, A, B, C, state, D, z)
+        and may_run(x, dt, A, B, C, state, D, z)
+        and _kernel("selective_scan") is not None
+    )

@@ -1,0 +1,270 @@
+"""The Triton selective scan (Mamba1) on CUDA: check forward, every gradient and the decode step on real shapes,
+then time it against the torch path and mamba_ssm's CUDA kernel.
+
+    python benchmarks/gpu_scan.py [--out DIR] [--peers DIR] [--sweep]
+
+Checks (fresh random inputs, outputs allocated over NaN-poisoned memory, lengths not divisible by the chunk)
+compare ``selective_scan_triton`` with the float32 torch implementation ``selective_scan_torch`` (after
+``prepare_dt_ref``) by max-relative error. The benchmark times bf16 forward and forward+backward (the Mamba
+call: raw dt with dt_bias and softplus, D, z) with ``triton.testing.do_bench`` medians against the torch path and
+mamba_ssm's ``selective_scan_fn`` (its CUDA extension ``selective_scan_cuda``, importable or under ``--peers``;
+never a dependency), with the peak memory each call adds. ``--sweep`` first times the kernels' chunk and tile
+settings on the first shape. The log goes to DIR/gpu_scan.log.
+"""
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+from ssmblocks.kernels import selective_scan as kernels
+from ssmblocks.kernels.selective_scan import (
+    DEFAULT_CHUNK_SIZE,
+    prepare_dt_ref,
+    selective_scan_step_triton,
+    selective_scan_triton,
+)
+from ssmblocks.ops.selective_scan import selective_scan_step_torch, selective_scan_torch
+
+DEVICE = "cuda"
+LOG = []
+
+
+def say(*parts):
+    line = " ".join(str(p) for p in parts)
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def rel_err(a, r):
+    a, r = a.detach().float(), r.detach().float()
+    return ((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+
+
+def poison():
+    """Leave NaN in the caching allocator's free blocks, so that an output the kernels skip shows up."""
+    block = torch.full((1 << 28,), float("nan"), device=DEVICE)
+    del block
+
+
+def make_inputs(b, l, e, n, dtype, z=True, bias=True, init=True, dt_scale=None):
+    """Leaves in selective_scan_triton's names: x, B, C, z in ``dtype``; dt raw (softplus'd by the op) unless
+    ``dt_scale`` gives dt directly as uniform [0, dt_scale); A, D, dt_bias and the state float32."""
+    torch.set_default_device(DEVICE)
+    kw = dict(
+        x=torch.randn(b, l, e),
+        dt=torch.randn(b, l, e) * 0.5 - 1.0 if dt_scale is None else torch.rand(b, l, e) * dt_scale,
+        A=-torch.rand(e, n) * 8 - 0.5,
+        B=torch.randn(b, l, n),
+        C=torch.randn(b, l, n),
+        D=torch.randn(e),
+        z=torch.randn(b, l, e) if z else None,
+        dt_bias=torch.randn(e) * 0.5 if bias else None,
+        initial_state=torch.randn(b, e, n) if init else None,
+    )
+    torch.set_default_device(None)
+    big = ("x", "dt", "B", "C", "z")
+    return {
+        k: None if v is None else v.to(DEVICE, dtype if k in big else torch.float32).requires_grad_(True)
+        for k, v in kw.items()
+    }
+
+
+def check(name, shape, dtype, tol, softplus=True, chunk=DEFAULT_CHUNK_SIZE, **opts):
+    """One correctness case against float32 selective_scan_torch; returns whether every tensor is within tol."""
+    kw = make_inputs(*shape, dtype, **opts)
+    poison()
+    y, final = selective_scan_triton(**kw, dt_softplus=softplus, chunk_size=chunk)
+    leaves = {k: None if v is None else v.detach().float().requires_grad_(True) for k, v in kw.items()}
+    dt = prepare_dt_ref(leaves["dt"], leaves["dt_bias"], softplus)
+    args = [leaves[k] for k in ("x", "A", "B", "C", "D", "z", "initial_state")]
+    y_ref, final_ref = selective_scan_torch(args[0], dt, *args[1:])
+    dy, dfinal = torch.randn_like(y_ref), torch.randn_like(final_ref)
+    poison()
+    torch.autograd.backward((y, final), (dy.to(y.dtype), dfinal))
+    torch.autograd.backward((y_ref, final_ref), (dy, dfinal))
+    errs = {"y": rel_err(y, y_ref), "final": rel_err(final, final_ref)}
+    errs.update({f"d{k}": rel_err(v.grad, leaves[k].grad) for k, v in kw.items() if v is not None})
+    worst = max(errs.values())
+    ok = worst <= tol and all(torch.isfinite(t).all() for t in (y, final))
+    say(
+        f"{'PASS' if ok else 'FAIL'} {name} {str(dtype)[6:]} tol {tol:.0e} worst {worst:.2e} |",
+        " ".join(f"{k} {v:.1e}" for k, v in errs.items()),
+    )
+    return ok
+
+
+def check_step(b, e, n, dtype, tol):
+    kw = {k: v.detach() for k, v in make_inputs(b, 8, e, n, dtype, dt_scale=0.2).items() if v is not None}
+    state, expected = kw["initial_state"].clone(), kw["initial_state"].clone()
+    worst = 0.0
+    for t in range(8):
+        args = (kw["x"][:, t], kw["dt"][:, t], kw["A"], kw["B"][:, t], kw["C"][:, t])
+        y = selective_scan_step_triton(*args, state, kw["D"], kw["z"][:, t])
+        y_ref = selective_scan_step_torch(*args, expected, kw["D"], kw["z"][:, t])
+        worst = max(worst, rel_err(y, y_ref), rel_err(state, expected))
+    ok = worst <= tol
+    say(
+        f"{'PASS' if ok else 'FAIL'} decode step B{b} E{e} N{n} {str(dtype)[6:]} 8 tokens",
+        f"tol {tol:.0e} worst {worst:.2e}",
+    )
+    return ok
+
+
+def peak_extra(fn):
+    """Bytes the call adds to the allocated memory at its peak."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def time_impl(fn, dy, leaves):
+    """(fwd ms, fwd+bwd ms, fwd peak GiB, fwd+bwd peak GiB) of ``fn`` (returns y)."""
+
+    def fwd_bwd():
+        torch.autograd.backward(fn(), dy)
+
+    with torch.no_grad():
+        fn()
+        t_fwd = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+        m_fwd = peak_extra(fn)
+    fwd_bwd()
+    t_bwd = triton.testing.do_bench(fwd_bwd, warmup=10, rep=50, grad_to_none=leaves, return_mode="median")
+    m_bwd = peak_extra(fwd_bwd)
+    return t_fwd, t_bwd, m_fwd / 2**30, m_bwd / 2**30
+
+
+def impls(kw, mamba_fn, with_torch):
+    """name -> a call returning y, each on its native layout (made outside the timing)."""
+    x, dt, A, B, C, D, z, bias = (kw[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias"))
+    found = {"ours": lambda: selective_scan_triton(x, dt, A, B, C, D, z, dt_bias=bias, dt_softplus=True)[0]}
+    if with_torch:
+        found["torch"] = lambda: selective_scan_torch(x, prepare_dt_ref(dt, bias, True), A, B, C, D, z)[0]
+    if mamba_fn is not None:
+        # mamba_ssm's layout: u, delta, z (b, e, l); B, C (b, n, l); leaves of their own, gradients in place
+        t = {k: kw[k].detach().transpose(1, 2).contiguous().requires_grad_(True) for k in ("x", "dt", "B", "C", "z")}
+        kw.update({f"mamba_{k}": v for k, v in t.items()})
+        found["mamba_ssm"] = lambda: mamba_fn(
+            t["x"], t["dt"], A, t["B"], t["C"], D, t["z"], delta_bias=bias, delta_softplus=True
+        )
+    return found
+
+
+def bench_shape(label, b, l, e, n, mamba_fn, with_torch):
+    kw = make_inputs(b, l, e, n, torch.bfloat16, init=False)
+    rows = {}
+    for name, fn in impls(kw, mamba_fn, with_torch).items():
+        dy = torch.randn_like(fn())
+        rows[name] = time_impl(fn, dy, [v for v in kw.values() if v is not None])
+        tf, tb, mf, mb = rows[name]
+        say(f"  {label:22s} {name:10s} fwd {tf:8.3f} ms  fwd+bwd {tb:8.3f} ms  peak extra {mf:5.2f} / {mb:5.2f} GiB")
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sweep(b, l, e, n):
+    """Time the chunk and tile settings (module constants of ssmblocks.kernels.selective_scan) on one shape."""
+    kw = make_inputs(b, l, e, n, torch.bfloat16, init=False)
+    leaves = [v for v in kw.values() if v is not None]
+    args = [kw[k] for k in ("x", "dt", "A", "B", "C", "D", "z")]
+    defaults = {k: getattr(kernels, k) for k in ("_FWD_TILE", "_FWD_WARPS", "_BWD_TILE", "_BWD_WARPS")}
+    results = []
+    for chunk, fwd_tile, fwd_warps, bwd_tile, bwd_warps in itertools.product(
+        (8, 16, 32), (2048, 4096, 8192), (4, 8), (2048, 4096), (4, 8)
+    ):
+        if (fwd_tile, fwd_warps) != (4096, 4) and (bwd_tile, bwd_warps) != (4096, 8):
+            continue  # one side at a time around the defaults
+        kernels._FWD_TILE, kernels._FWD_WARPS, kernels._BWD_TILE, kernels._BWD_WARPS = (
+            fwd_tile, fwd_warps, bwd_tile, bwd_warps,
+        )  # fmt: skip
+
+        def fn(chunk=chunk):
+            return selective_scan_triton(*args, dt_bias=kw["dt_bias"], dt_softplus=True, chunk_size=chunk)[0]
+
+        try:
+            tf, tb, _, _ = time_impl(fn, torch.randn_like(kw["x"]), leaves)
+        except Exception as error:  # an out-of-resources config: report and go on
+            say(f"  sweep c{chunk} fwd {fwd_tile}/{fwd_warps}w bwd {bwd_tile}/{bwd_warps}w failed: {error}")
+            continue
+        results.append((tb, tf, chunk, fwd_tile, fwd_warps, bwd_tile, bwd_warps))
+        say(f"  sweep c{chunk:<3d} fwd tile {fwd_tile:5d} {fwd_warps}w  bwd tile {bwd_tile:5d} {bwd_warps}w  "
+            f"fwd {tf:7.3f} ms  fwd+bwd {tb:7.3f} ms")  # fmt: skip
+    for k, v in defaults.items():
+        setattr(kernels, k, v)
+    best = min(results)
+    say(f"  best fwd+bwd {best[0]:.3f} ms (fwd {best[1]:.3f}): chunk {best[2]}, fwd tile {best[3]} {best[4]} warps, "
+        f"bwd tile {best[5]} {best[6]} warps")  # fmt: skip
+
+
+def load_mamba(peers):
+    if peers:
+        sys.path.insert(0, peers)
+    try:
+        import selective_scan_cuda  # noqa: F401
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError as error:
+        say(f"mamba_ssm's selective_scan_cuda does not import ({error}): no mamba_ssm column")
+        return None
+    return selective_scan_fn
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".", help="folder for gpu_scan.log")
+    parser.add_argument("--peers", default=None, help="folder holding mamba_ssm's source and built extension")
+    parser.add_argument("--sweep", action="store_true", help="time chunk and tile settings first")
+    opts = parser.parse_args()
+    torch.manual_seed(0)
+    say(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
+
+    say("== correctness against the float32 torch path ==")
+    cases = [
+        ("B2 L1037 E768 N16, D, z, bias, softplus, init", (2, 1037, 768, 16), {}, "fb"),
+        ("B1 L2111 E1536 N16, no z, no bias, init", (1, 2111, 1536, 16), dict(z=False, bias=False), "b"),
+        ("B3 L333 E100 N7, chunk 32", (3, 333, 100, 7), dict(chunk=32), "f"),
+        ("B1 L500 E256 N16, dt up to 4 (no softplus), A to -8.5", (1, 500, 256, 16),
+         dict(softplus=False, bias=False, dt_scale=4.0), "f"),
+    ]  # fmt: skip
+    ok = True
+    for name, shape, extra, dtypes in cases:
+        for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2)):
+            if str(dtype)[6] in dtypes:
+                ok &= check(name, shape, dtype, tol, **extra)
+    ok &= check_step(32, 5120, 16, torch.float32, 1e-4)
+    ok &= check_step(7, 1000, 16, torch.bfloat16, 2e-2)
+    say("correctness:", "all PASS" if ok else "some FAIL")
+
+    if opts.sweep:
+        say("== sweep, B8 L2048 E1536 N16 bf16 ==")
+        sweep(8, 2048, 1536, 16)
+
+    mamba_fn = load_mamba(opts.peers)
+    say("== benchmark, bf16, do_bench medians ==")
+    shapes = [
+        ("B8 L2048 D1536 N16", (8, 2048, 1536, 16), True),
+        ("B2 L8192 D2048 N16", (2, 8192, 2048, 16), True),
+        ("B1 L16384 D5120 N16", (1, 16384, 5120, 16), False),  # the torch path: too slow and large to time
+    ]
+    table = [(label, bench_shape(label, *shape, mamba_fn, with_torch)) for label, shape, with_torch in shapes]
+
+    say("\n| shape | impl | fwd ms | fwd+bwd ms | fwd peak GiB | fwd+bwd peak GiB | fwd x | fwd+bwd x |")
+    say("|---|---|---|---|---|---|---|---|")
+    for label, rows in table:
+        peer = rows.get("mamba_ssm")
+        for name, (tf, tb, mf, mb) in rows.items():
+            ratio = f"{peer[0] / tf:.2f} | {peer[1] / tb:.2f}" if peer else "- | -"
+            say(f"| {label} | {name} | {tf:.3f} | {tb:.3f} | {mf:.2f} | {mb:.2f} | {ratio} |")
+    say("(x = mamba_ssm time / this time; > 1 is faster than mamba_ssm)")
+    Path(opts.out).mkdir(parents=True, exist_ok=True)
+    (Path(opts.out) / "gpu_scan.log").write_text("\n".join(LOG) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""Selective scan (Mamba1) on CUDA through Triton, forward, backward and the decode step, as custom ops.
+
+``selective_scan_triton`` computes, with dt_eff = softplus(dt + dt_bias) if dt_softplus else dt + dt_bias,
+exactly ``ssmblocks.ops.selective_scan.selective_scan_ref(x, dt_eff, A, B, C, D, z, initial_state)`` (the
+reference) in float32 with a float32 state. Forward: one kernel (selective_scan_fwd.py), which under autograd
+also keeps each chunk's start state (float32, (b, l / c, e, n)) for the backward, one reverse kernel
+(selective_scan_bwd.py). ``selective_scan_step_triton`` is ``selective_scan_step_torch``
+(selective_scan_step.py).
+Shapes: x, dt, z: (b, l, e); A: (e, n); B, C: (b, l, n); D, dt_bias: (e,); initial_state, final_state: (b, e, n).
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from .selective_scan_bwd import selective_scan_bwd_kernel
+from .selective_scan_fwd import selective_scan_fwd_kernel
+from .selective_scan_step import selective_scan_step_kernel
+
+CHUNK_SIZES = (8, 16, 32, 64)
+DEFAULT_CHUNK_SIZE = 16
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (c, e, n) tile elements per program, and warps, for the forward and the backward (more live tiles)
+_FWD_TILE, _FWD_WARPS = 4096, 4
+_BWD_TILE, _BWD_WARPS = 4096, 8
+
+
+def prepare_dt_ref(dt, dt_bias=None, dt_softplus=False):
+    """The dt preprocessing the kernels fuse: dt: (b, l, e) -> float32 (b, l, e)."""
+    dt = dt.float() if dt_bias is None else dt.float() + dt_bias.float()
+    return F.softplus(dt) if dt_softplus else dt
+
+
+def _check(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size):
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size={chunk_size} is not supported by the Triton selective scan, only {CHUNK_SIZES}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be (b, l, e), got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    b, l, e = x.shape
+    if dt.shape != x.shape:
+        raise ValueError(f"dt must be (b, l, e) = {(b, l, e)}, got {tuple(dt.shape)}")
+    if A.dim() != 2 or A.shape[0] != e:
+        raise ValueError(f"A must be (e, n) with e = {e}, got {tuple(A.shape)}")
+    n = A.shape[1]
+    if B.shape != (b, l, n) or C.shape != (b, l, n):
+        raise ValueError(f"B and C must be (b, l, n) = {(b, l, n)}, got {tuple(B.shape)}, {tuple(C.shape)}")
+    for name, t in (("D", D), ("dt_bias", dt_bias)):
+        if t is not None and t.shape != (e,):
+            raise ValueError(f"{name} must be (e,) = ({e},), got {tuple(t.shape)}")
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
+    if initial_state is not None and initial_state.shape != (b, e, n):
+        raise ValueError(f"initial_state must be (b, e, n) = {(b, e, n)}, got {tuple(initial_state.shape)}")
+    tensors = [t for t in (x, dt, A, B, C, D, z, dt_bias, initial_state) if t is not None]
+    if any(t.device != x.device for t in tensors):
+        raise ValueError("all selective scan inputs must be on one device")
+
+
+def _blocks(width, d_state, tile):
+    """(BLOCK_E, BLOCK_N): the state padded to a power of two, and as many channels as fill ``tile``."""
+    block_n = triton.next_power_of_2(d_state)
+    return max(1, min(triton.next_power_of_2(width), tile // block_n)), block_n
+
+
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+@torch.library.custom_op("ssmblocks_triton::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    dt_softplus: bool,
+    chunk_size: int,
+    keep_states: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y: (b, l, e) in x's dtype, final_state: (b, e, n) float32 and, for the backward when ``keep_states``,
+    the state before each chunk: (b, ceil(l / c), e, n) float32 (else an empty tensor)."""
+    x, dt, A, B, C, D, z, dt_bias = _contiguous(x, dt, A, B, C, D, z, dt_bias)
+    b, l, e = x.shape
+    n = A.shape[1]
+    block_e, block_n = _blocks(e, n, _FWD_TILE // chunk_size)
+    y = torch.empty_like(x)
+    final = x.new_empty(b, e, n, dtype=torch.float32)
+    states = x.new_empty(b, triton.cdiv(l, chunk_size) if keep_states else 0, e, n, dtype=torch.float32)
+    init = None if initial_state is None else initial_state.float().contiguous()
+    selective_scan_fwd_kernel[(b, triton.cdiv(e, block_e))](
+        x,
+        dt,
+        dt_bias,
+        A,
+        B,
+        C,
+        D,
+        z,
+        init,
+        y,
+        final,
+        states,
+        l,
+        e,
+        n,
+        CHUNK=chunk_size,
+        BLOCK_E=block_e,
+        BLOCK_N=block_n,
+        HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_INIT=init is not None,
+        STORE_STATES=keep_states,
+        num_warps=_FWD_WARPS,
+    )
+    return y, final, states
+
+
+@selective_scan_fwd.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, keep_states):
+    (b, l, e), n = x.shape, A.shape[1]
+    chunks = -(-l // chunk_size) if keep_states else 0
+    return (
+        torch.empty_like(x),
+        x.new_empty(b, e, n, dtype=torch.float32),
+        x.new_empty(b, chunks, e, n, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("ssmblocks_triton::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd(
+    dy: torch.Tensor,
+    dfinal: torch.Tensor | None,
+    states: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    dt_softplus: bool,
+    chunk_size: int,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
+    """(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_state), each shaped and typed like its input;
+    the gradient of an absent optional input is an empty tensor."""
+    dy, dfinal, x, dt, A, B, C, D, z, dt_bias = _contiguous(dy, dfinal, x, dt, A, B, C, D, z, dt_bias)
+    b, l, e = x.shape
+    n = A.shape[1]
+    block_e, block_n = _blocks(e, n, _BWD_TILE // chunk_size)
+    dx, ddt = torch.empty_like(x), torch.empty_like(dt)
+    dz = torch.empty_like(z) if z is not None else None
+    dB, dC = (torch.zeros(b, l, n, device=x.device, dtype=torch.float32) for _ in range(2))
+    dA_part = x.new_empty(b, e, n, dtype=torch.float32)
+    dD_part, dbias_part = (x.new_empty(b, e, dtype=torch.float32) for _ in range(2))
+    dinit = x.new_empty(b, e, n, dtype=torch.float32) if initial_state is not None else None
+    selective_scan_bwd_kernel[(b, triton.cdiv(e, block_e))](
+        x,
+        dt,
+        dt_bias,
+        A,
+        B,
+        C,
+        D,
+        z,
+        dy,
+        states,
+        dfinal,
+        dx,
+        ddt,
+        dz,
+        dB,
+        dC,
+        dA_part,
+        dD_part,
+        dbias_part,
+        dinit,
+        l,
+        e,
+        n,
+        CHUNK=chunk_size,
+        BLOCK_E=block_e,
+        BLOCK_N=block_n,
+        HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_DFINAL=dfinal is not None,
+        HAS_INIT=dinit is not None,
+        num_warps=_BWD_WARPS,
+    )
+
+    def like(grad, t):
+        return x.new_empty(0) if t is None else grad.to(t.dtype)
+
+    return (
+        dx,
+        ddt,
+        dA_part.sum(0).to(A.dtype),
+        dB.to(B.dtype),
+        dC.to(C.dtype),
+        like(dD_part.sum(0), D),
+        like(dz, z),
+        like(dbias_part.sum(0), dt_bias),
+        like(dinit, initial_state),
+    )
+
+
+@selective_scan_bwd.register_fake
+def _(dy, dfinal, states, x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size):
+    def like(t):
+        return x.new_empty(0) if t is None else torch.empty_like(t)
+
+    return (
+        torch.empty_like(x),
+        torch.empty_like(dt),
+        torch.empty_like(A),
+        torch.empty_like(B),
+        torch.empty_like(C),
+        like(D),
+        like(z),
+        like(dt_bias),
+        like(initial_state),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, keep_states = inputs
+    if not keep_states:
+        raise RuntimeError("selective_scan_fwd: a backward needs the chunk states (keep_states=True)")
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, output[2])
+    ctx.flags = dt_softplus, chunk_size
+
+
+def _backward(ctx, dy, dfinal, dstates):
+    """Gradients of the inputs; the states are an auxiliary output (their gradient, zeros, is not used)."""
+    x, dt, A, B, C, D, z, dt_bias, initial_state, states = ctx.saved_tensors
+    grads = selective_scan_bwd(dy, dfinal, states, x, dt, A, B, C, D, z, dt_bias, initial_state, *ctx.flags)
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
+    optional = zip((dD, dz, ddt_bias, dinit), (D, z, dt_bias, initial_state), strict=True)
+    dD, dz, ddt_bias, dinit = (None if t is None else g for g, t in optional)
+    return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit, None, None, None
+
+
+selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan_triton(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    *,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selective scan of ``selective_scan_ref`` with dt preprocessed as ``prepare_dt_ref`` does.
+
+    x, dt, z: (b, l, e); A: (e, n); B, C: (b, l, n); D, dt_bias: (e,); initial_state: (b, e, n).
+    Returns (y in x's dtype, final_state float32). Non-contiguous inputs are copied.
+    """
+    _check(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size)
+    inputs = (x, dt, A, B, C, D, z, dt_bias, initial_state)
+    keep_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    y, final, _ = selective_scan_fwd(*inputs, dt_softplus, chunk_size, keep_states)
+    return y, final
+
+
+@torch.library.custom_op("ssmblocks_triton::selective_scan_step", mutates_args=("state",))
+def selective_scan_step(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    state: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+) -> torch.Tensor:
+    """y: (b, e) in x's dtype; ``state`` (b, e, n, contiguous) updated in place."""
+    x, dt, A, B, C, D, z = _contiguous(x, dt, A, B, C, D, z)
+    b, e = x.shape
+    block_e, block_n = _blocks(e, A.shape[1], 1024)
+    y = torch.empty_like(x)
+    selective_scan_step_kernel[(b, triton.cdiv(e, block_e))](
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D,
+        z,
+        state,
+        y,
+        e,
+        A.shape[1],
+        BLOCK_E=block_e,
+        BLOCK_N=block_n,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        num_warps=4,
+    )
+    return y
+
+
+@selective_scan_step.register_fake
+def _(x, dt, A, B, C, state, D, z):
+    return torch.empty_like(x)
+
+
+def selective_scan_step_triton(x, dt, A, B, C, state, D=None, z=None):
+    """``selective_scan_step_torch`` for a contiguous state: x, dt, z: (b, e); A: (e, n); B, C: (b, n);
+    D: (e,); state (b, e, n) updated in place. Returns y: (b, e) in x's dtype."""
+    b, e = x.shape
+    n = A.shape[-1]
+    if A.shape != (e, n) or B.shape != (b, n) or C.shape != (b, n) or state.shape != (b, e, n):
+        raise ValueError(
+            f"selective_scan_step: x (b, e) = {(b, e)} needs A (e, n), B and C (b, n), state (b, e, n); got "
+            f"A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}, state {tuple(state.shape)}"
+        )
+    if not state.is_contiguous():
+        raise ValueError("selective_scan_step: the state must be contiguous (it is updated in place)")
+    return selective_scan_step(x, dt, A, B, C, state, D, z)

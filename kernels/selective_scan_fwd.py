@@ -1,0 +1,113 @@
+"""Selective scan forward: one program per (sequence, channel block) walks the chunks in order, the state in registers.
+
+Inside a chunk the recurrence h_t = a_t h_{t-1} + u_t (a_t = exp(dt_t A), u_t = dt_t x_t B_t, all (e, n))
+is one associative scan over the (c, e, n) tile; the chunk's start state enters as h_t += (a_1...a_t) h_start.
+Only the chunk start states (when asked, for the backward) and the final state are written, never a per-step
+state. Reference: ``ssmblocks.ops.selective_scan.selective_scan_ref``; the dt preprocessing that ``load_dt``
+fuses is ``ssmblocks.kernels.selective_scan.prepare_dt_ref``.
+Shapes: x, dt, z, y: (b, l, e); A: (e, n); B, C: (b, l, n); D, dt_bias: (e,); init, final: (b, e, n);
+states: (b, k, e, n) for k = ceil(l / c) chunks.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def first_order_combine(a_first, u_first, a_then, u_then):
+    """Compose h -> a_first h + u_first, then h -> a_then h + u_then."""
+    return a_first * a_then, a_then * u_first + u_then
+
+
+@triton.jit
+def load_dt(dt, bias, rows, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """dt at ``rows`` (c, e) offsets, float32: softplus(dt + bias) as flagged (bias: (e,) float32), zero
+    outside ``mask``.
+
+    Also returns d dt_eff / d dt, (c, e): the softplus slope, or 1.
+    """
+    raw = tl.load(dt + rows, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += bias[None, :]
+    if SOFTPLUS:
+        val = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))
+        slope = tl.sigmoid(raw)
+    else:
+        val = raw
+        slope = tl.full(raw.shape, 1.0, tl.float32)
+    return tl.where(mask, val, 0.0), slope
+
+
+@triton.jit
+def selective_scan_fwd_kernel(
+    x,
+    dt,
+    dt_bias,
+    A,
+    B,
+    C,
+    D,
+    z,
+    init,
+    y,
+    final,
+    states,
+    seq_len,
+    width,
+    d_state,
+    CHUNK: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    STORE_STATES: tl.constexpr,
+):
+    """Writes y, final[b] and, when STORE_STATES, states[b, k] = the state before chunk k."""
+    seq, block = tl.program_id(0), tl.program_id(1)
+    offs_e = block * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, CHUNK)
+    mask_e, mask_n = offs_e < width, offs_n < d_state
+    mask_en = mask_e[:, None] & mask_n[None, :]
+    en = offs_e[:, None] * d_state + offs_n[None, :]
+    a_en = tl.load(A + en, mask=mask_en, other=0.0).to(tl.float32)  # (e, n)
+    if HAS_BIAS:
+        bias = tl.load(dt_bias + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_E,), tl.float32)
+    if HAS_D:
+        d_skip = tl.load(D + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    if HAS_INIT:
+        state = tl.load(init + seq * width * d_state + en, mask=mask_en, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
+    last = (offs_c == CHUNK - 1)[:, None, None]
+    n_chunks = tl.cdiv(seq_len, CHUNK)
+    for k in range(n_chunks):
+        if STORE_STATES:
+            tl.store(states + (seq * n_chunks + k) * width * d_state + en, state, mask=mask_en)
+        tok = seq * seq_len + k * CHUNK + offs_c
+        mask_c = k * CHUNK + offs_c < seq_len
+        mask_ce = mask_c[:, None] & mask_e[None, :]
+        rows = tok[:, None] * width + offs_e[None, :]
+        dt_c, _ = load_dt(dt, bias, rows, mask_ce, HAS_BIAS, SOFTPLUS)
+        x_c = tl.load(x + rows, mask=mask_ce, other=0.0).to(tl.float32)
+        mask_cn = mask_c[:, None] & mask_n[None, :]
+        b_c = tl.load(B + tok[:, None] * d_state + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
+        decay = tl.exp(dt_c[:, :, None] * a_en[None, :, :])  # (c, e, n); 1 on padded rows
+        u = (dt_c * x_c)[:, :, None] * b_c[:, None, :]
+        decay_cum, h = tl.associative_scan((decay, u), 0, first_order_combine)
+        h += decay_cum * state[None, :, :]
+        state = tl.sum(tl.where(last, h, 0.0), 0)  # padded rows carry the last real state
+        c_c = tl.load(C + tok[:, None] * d_state + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
+        out = tl.sum(h * c_c[:, None, :], 2)  # (c, e)
+        if HAS_D:
+            out += x_c * d_skip[None, :]
+        if HAS_Z:
+            z_c = tl.load(z + rows, mask=mask_ce, other=0.0).to(tl.float32)
+            out *= z_c * tl.sigmoid(z_c)
+        tl.store(y + rows, out.to(y.dtype.element_ty), mask=mask_ce)
+    tl.store(final + seq * width * d_state + en, state, mask=mask_en)

@@ -1,0 +1,162 @@
+"""The Triton selective scan (kernels/selective_scan.py) against selective_scan_ref in float64: forward, final
+state and every gradient; the decode step against selective_scan_step_torch; the custom ops' registrations;
+and the dispatch picking them for SelectiveSSM under the "triton" selection.
+
+On a machine without CUDA the kernels run in Triton's interpreter (conftest.py), so shapes stay tiny.
+"""
+
+import pytest
+import torch
+
+from ssmblocks import backends
+from ssmblocks.layers import SelectiveSSM
+from ssmblocks.ops.selective_scan import selective_scan_ref, selective_scan_step_torch
+from tests.helpers import assert_close, randomise
+
+pytest.importorskip("triton")
+from ssmblocks.kernels.selective_scan import (  # noqa: E402
+    prepare_dt_ref,
+    selective_scan_bwd,
+    selective_scan_fwd,
+    selective_scan_step,
+    selective_scan_step_triton,
+    selective_scan_triton,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-5  # float32 kernels against a float64 reference
+TOL_BF16 = 3e-2  # bfloat16 inputs and outputs, float32 arithmetic
+
+CASES = {
+    # name: (b, l, e, n, chunk, D, z, dt_bias, softplus, initial state, dt scale)
+    "plain": (1, 20, 8, 4, 8, False, False, False, False, False, 0.5),
+    "D-z-bias-softplus-init": (2, 21, 12, 6, 8, True, True, True, True, True, 0.5),
+    "chunk16-large-decay-D-init": (1, 19, 6, 5, 16, True, False, False, False, True, 5.0),
+}
+
+
+def make_inputs(b, l, e, n, has_d, has_z, has_bias, has_init, dt_scale=0.5, dtype=torch.float32):
+    """Random leaves on DEVICE, in selective_scan_triton's argument names; A in [-4, -0.5]."""
+    kw = dict(
+        x=torch.randn(b, l, e),
+        dt=torch.randn(b, l, e) * 0.5 if has_bias else torch.rand(b, l, e) * dt_scale,
+        A=-torch.rand(e, n) * 3.5 - 0.5,
+        B=torch.randn(b, l, n),
+        C=torch.randn(b, l, n),
+        D=torch.randn(e) if has_d else None,
+        z=torch.randn(b, l, e) if has_z else None,
+        dt_bias=torch.randn(e) * 0.3 if has_bias else None,
+        initial_state=torch.randn(b, e, n) if has_init else None,
+    )
+    floats = ("x", "B", "C", "z")  # A, D, dt_bias and the state stay float32, as in SelectiveSSM
+    return {
+        k: None if v is None else v.to(DEVICE, dtype if k in floats else torch.float32).requires_grad_(True)
+        for k, v in kw.items()
+    }
+
+
+def reference(kw, dt_softplus):
+    """selective_scan_ref in float64 on float64 copies of kw's leaves; returns (y, final, leaves)."""
+    leaves = {k: None if v is None else v.detach().double().requires_grad_(True) for k, v in kw.items()}
+    dt = prepare_dt_ref(leaves["dt"], leaves["dt_bias"], dt_softplus).double()
+    args = (leaves["x"], dt, leaves["A"], leaves["B"], leaves["C"], leaves["D"], leaves["z"])
+    y, final = selective_scan_ref(*args, leaves["initial_state"])
+    return y, final, leaves
+
+
+def check_against_reference(kw, softplus, chunk, tol):
+    y, final = selective_scan_triton(**kw, dt_softplus=softplus, chunk_size=chunk)
+    y_ref, final_ref, ref_leaves = reference(kw, softplus)
+    assert y.dtype == kw["x"].dtype and final.dtype == torch.float32
+    assert_close(y, y_ref, tol, "y")
+    assert_close(final, final_ref, tol, "final_state")
+
+    dy, dfinal = torch.randn_like(y_ref), torch.randn_like(final_ref)
+    torch.autograd.backward((y, final), (dy.to(y), dfinal.to(final)))
+    torch.autograd.backward((y_ref, final_ref), (dy, dfinal))
+    for name, leaf in kw.items():
+        if leaf is not None:
+            assert leaf.grad.dtype == leaf.dtype, name
+            assert_close(leaf.grad, ref_leaves[name].grad, tol, f"d{name}")
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_forward_and_gradients(case):
+    b, l, e, n, chunk, has_d, has_z, has_bias, softplus, has_init, dt_scale = CASES[case]
+    kw = make_inputs(b, l, e, n, has_d, has_z, has_bias, has_init, dt_scale)
+    check_against_reference(kw, softplus, chunk, TOL)
+
+
+def test_bfloat16_inputs():
+    kw = make_inputs(1, 13, 8, 4, True, True, True, True, dtype=torch.bfloat16)
+    check_against_reference(kw, True, 8, TOL_BF16)
+
+
+def test_final_state_gradient_alone():
+    """Only the final state feeds the loss: the output gradient is absent (None) in the backward."""
+    kw = make_inputs(1, 11, 4, 4, True, True, False, True)
+    _, final = selective_scan_triton(**kw, chunk_size=8)
+    _, final_ref, leaves = reference(kw, False)
+    final.sum().backward()
+    final_ref.sum().backward()
+    for name in ("x", "dt", "A", "B", "initial_state"):
+        assert_close(kw[name].grad, leaves[name].grad, TOL, f"d{name}")
+
+
+def test_custom_ops_pass_opcheck():
+    kw = make_inputs(1, 9, 4, 4, True, True, True, True)
+    args = [kw[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")]
+    torch.library.opcheck(selective_scan_fwd, (*args, True, 8, True))
+    y, final, states = selective_scan_fwd(*args, True, 8, True)
+    assert states.shape == (1, 2, 4, 4)  # the state before each of the 2 chunks, kept for the backward
+    plain = [t.detach() for t in args]
+    grads = (torch.randn_like(y), torch.randn_like(final), states.detach())
+    torch.library.opcheck(selective_scan_bwd, (*grads, *plain, True, 8))
+    step = (plain[0][:, 0], plain[1][:, 0].abs(), plain[2], plain[3][:, 0], plain[4][:, 0])
+    torch.library.opcheck(selective_scan_step, (*step, torch.randn(1, 4, 4, device=DEVICE), plain[5], plain[6][:, 0]))
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["state-fp32", "state-bf16"])
+def test_step_matches_the_torch_step(state_dtype):
+    b, e, n = 3, 10, 6
+    kw = {k: v.detach() for k, v in make_inputs(b, 4, e, n, True, True, False, False).items() if v is not None}
+    state = torch.randn(b, e, n, device=DEVICE).to(state_dtype)
+    expected_state = state.clone()
+    for t in range(4):
+        args = (kw["x"][:, t], kw["dt"][:, t], kw["A"], kw["B"][:, t], kw["C"][:, t])
+        y = selective_scan_step_triton(*args, state, kw["D"], kw["z"][:, t])
+        y_ref = selective_scan_step_torch(*args, expected_state, kw["D"], kw["z"][:, t])
+        assert_close(y, y_ref, TOL if state_dtype == torch.float32 else TOL_BF16, f"y[{t}]")
+        assert_close(state, expected_state, TOL if state_dtype == torch.float32 else TOL_BF16, f"state[{t}]")
+
+
+def test_bad_arguments_name_the_problem():
+    kw = make_inputs(1, 8, 4, 4, False, False, False, False)
+    with pytest.raises(ValueError, match="chunk_size=12"):
+        selective_scan_triton(**kw, chunk_size=12)
+    with pytest.raises(ValueError, match="A must be"):
+        selective_scan_triton(**{**kw, "A": kw["A"][:3]})
+    with pytest.raises(ValueError, match="initial_state must be"):
+        selective_scan_triton(**{**kw, "initial_state": torch.zeros(2, 4, 4, device=DEVICE)})
+
+
+def test_selective_ssm_takes_the_triton_kernels_under_the_triton_selection():
+    layer = SelectiveSSM(d_model=4, d_state=4).to(DEVICE)
+    randomise(layer)
+    x = torch.randn(2, 9, 4, device=DEVICE)
+    expected = layer(x)
+    with backends.use("triton"), backends.record() as calls:
+        y = layer(x)
+    assert ("selective_scan", "triton") in calls
+    assert_close(y, expected, TOL, "y")
+
+    state, expected_state = layer.init_state(2), layer.init_state(2)
+    with torch.no_grad():
+        layer(x, state=expected_state)
+        expected_step = layer(x[:, :1], state=expected_state)
+        with backends.use("triton"), backends.record() as calls:
+            layer(x, state=state)
+            step = layer(x[:, :1], state=state)
+    assert calls.count(("selective_scan", "triton")) == 1 and ("selective_scan_step", "triton") in calls
+    assert_close(step, expected_step, TOL, "step")
+    assert_close(state.ssm, expected_state.ssm, TOL, "state")
