@@ -27,8 +27,8 @@ kernels built; the float32/float64-only ones say so in their condition (cpp_kern
 | rms_norm             | rms_norm (group_size <= 8192)                                                        |
 | gated_rms_norm       | gated_rms_norm (group_size <= 8192; norm_before_gate both ways)                      |
 
-Every triton implementation takes float32, bfloat16 or float16 inputs; selective_scan, selective_scan_step and
-linear have none: under the selection "triton" they run their torch one.
+Every triton implementation takes float32, bfloat16 or float16 inputs; linear has none: under the selection
+"triton" it runs its torch one.
 
 The rule. The selected backend (``use(name)``, else ``$SSMBLOCKS_BACKEND``, else "auto") names the candidates,
 tried in order; the first whose condition holds for the call's arguments runs:
