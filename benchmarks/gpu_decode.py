@@ -11,7 +11,6 @@ warm-up, so neither the prompt nor the graph capture is in the figure.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
@@ -74,35 +73,13 @@ def per_token_seconds(run, short: int = 64, long: int = 320) -> float:
 
 def versus_mamba_ssm(recipe_path: str, peers: str) -> None:
     """CUDA-graph decode tokens/s per sequence, ours against mamba_ssm's generate(cg=True), bf16."""
-    sys.path.insert(0, peers)
-    from mamba_ssm.models.config_mamba import MambaConfig
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    from gpu_train_step import mamba_ssm_model
 
     recipe = ssmblocks.Recipe.from_yaml(recipe_path)
-    (spec,) = recipe.mixers.values()
-    if spec.kind != "ssd":
-        print(f"{recipe.name}: mamba_ssm's Mamba1 decode needs its CUDA extension; compared for Mamba2 only")
+    peer = mamba_ssm_model(recipe, peers, torch.bfloat16)
+    if peer is None:
         return
-    ssm_cfg = dict(
-        layer="Mamba2",
-        d_state=spec.d_state,
-        d_conv=spec.d_conv,
-        expand=spec.expand,
-        headdim=spec.head_dim,
-        ngroups=spec.n_groups,
-    )
-    config = MambaConfig(
-        d_model=recipe.d_model,
-        n_layer=recipe.n_layers,
-        vocab_size=recipe.vocab_size,
-        ssm_cfg=ssm_cfg,
-        rms_norm=True,
-        residual_in_fp32=recipe.residual_in_fp32,
-        fused_add_norm=True,
-        pad_vocab_size_multiple=recipe.pad_vocab_size_multiple,
-        tie_embeddings=recipe.tie_embeddings,
-    )
-    peer = MambaLMHeadModel(config, device="cuda", dtype=torch.bfloat16).eval()
+    peer.eval()
     ours = ssmblocks.build(recipe, device="cuda", dtype=torch.bfloat16).eval()
     for batch in (1, 32):
         ids = torch.randint(0, recipe.vocab_size, (batch, 16), device="cuda")

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import triton
-
 from ssmblocks.kernels import selective_scan as kernels
 from ssmblocks.kernels.selective_scan import (
     DEFAULT_CHUNK_SIZE,
@@ -27,6 +26,7 @@ from ssmblocks.kernels.selective_scan import (
     selective_scan_step_triton,
     selective_scan_triton,
 )
+
 from ssmblocks.ops.selective_scan import selective_scan_step_torch, selective_scan_torch
 
 DEVICE = "cuda"

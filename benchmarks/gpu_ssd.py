@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 import triton
-
 from ssmblocks.kernels.ssd import DEFAULT_CHUNK_SIZE, prepare_dt_ref, ssd_chunked_triton
+
 from ssmblocks.ops.ssd import ssd_scan_torch
 
 DEVICE = "cuda"

@@ -62,8 +62,9 @@ def agreement(recipe, ids) -> None:
     say(f"largest relative gradient difference (norm), auto vs torch: {worst:.2e}")
 
 
-def mamba_ssm_model(recipe, peers: str):
-    """mamba_ssm's MambaLMHeadModel with the sizes of a pure-Mamba recipe, on CUDA, or None if it cannot run."""
+def mamba_ssm_model(recipe, peers: str, dtype: torch.dtype = torch.float32):
+    """mamba_ssm's MambaLMHeadModel with the sizes of a pure-Mamba recipe, on CUDA in ``dtype``, or None if it
+    cannot run (Mamba1 needs mamba_ssm's CUDA extension)."""
     sys.path.insert(0, peers)
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
@@ -97,7 +98,7 @@ def mamba_ssm_model(recipe, peers: str):
         pad_vocab_size_multiple=recipe.pad_vocab_size_multiple,
         tie_embeddings=recipe.tie_embeddings,
     )
-    return MambaLMHeadModel(config, device="cuda")
+    return MambaLMHeadModel(config, device="cuda", dtype=dtype)
 
 
 def mamba_ssm_step(model, optimizer, ids) -> torch.Tensor:
