@@ -169,15 +169,20 @@ def bench_shape(label, b, l, e, n, mamba_fn, with_torch):
 
 
 def sweep(b, l, e, n):
-    """Time chunk sizes and (c, e) tile sizes and warps (module constants of ssmblocks.kernels.selective_scan,
-    the same for forward and backward) on one shape."""
+    """Time the chunk and tile settings (module constants of ssmblocks.kernels.selective_scan) on one shape."""
     kw = make_inputs(b, l, e, n, torch.bfloat16, init=False)
     leaves = [v for v in kw.values() if v is not None]
     args = [kw[k] for k in ("x", "dt", "A", "B", "C", "D", "z")]
     defaults = {k: getattr(kernels, k) for k in ("_FWD_TILE", "_FWD_WARPS", "_BWD_TILE", "_BWD_WARPS")}
     results = []
-    for chunk, tile, warps in itertools.product((32, 64, 128), (1024, 2048, 4096), (2, 4, 8)):
-        kernels._FWD_TILE, kernels._FWD_WARPS, kernels._BWD_TILE, kernels._BWD_WARPS = tile, warps, tile, warps
+    for chunk, fwd_tile, fwd_warps, bwd_tile, bwd_warps in itertools.product(
+        (8, 16, 32), (2048, 4096, 8192), (4, 8), (2048, 4096), (4, 8)
+    ):
+        if (fwd_tile, fwd_warps) != (4096, 4) and (bwd_tile, bwd_warps) != (4096, 8):
+            continue  # one side at a time around the defaults
+        kernels._FWD_TILE, kernels._FWD_WARPS, kernels._BWD_TILE, kernels._BWD_WARPS = (
+            fwd_tile, fwd_warps, bwd_tile, bwd_warps,
+        )  # fmt: skip
 
         def fn(chunk=chunk):
             return selective_scan_triton(*args, dt_bias=kw["dt_bias"], dt_softplus=True, chunk_size=chunk)[0]
@@ -185,15 +190,16 @@ def sweep(b, l, e, n):
         try:
             tf, tb, _, _ = time_impl(fn, torch.randn_like(kw["x"]), leaves)
         except Exception as error:  # an out-of-resources config: report and go on
-            say(f"  sweep c{chunk} tile {tile} {warps}w failed: {error}")
+            say(f"  sweep c{chunk} fwd {fwd_tile}/{fwd_warps}w bwd {bwd_tile}/{bwd_warps}w failed: {error}")
             continue
-        results.append((tb, tf, chunk, tile, warps))
-        say(f"  sweep c{chunk:<3d} tile {tile:5d} {warps}w  fwd {tf:7.3f} ms  fwd+bwd {tb:7.3f} ms")
+        results.append((tb, tf, chunk, fwd_tile, fwd_warps, bwd_tile, bwd_warps))
+        say(f"  sweep c{chunk:<3d} fwd tile {fwd_tile:5d} {fwd_warps}w  bwd tile {bwd_tile:5d} {bwd_warps}w  "
+            f"fwd {tf:7.3f} ms  fwd+bwd {tb:7.3f} ms")  # fmt: skip
     for k, v in defaults.items():
         setattr(kernels, k, v)
-    best, fastest_fwd = min(results), min(results, key=lambda r: r[1])
-    say(f"  best fwd+bwd {best[0]:.3f} ms (fwd {best[1]:.3f}): chunk {best[2]}, tile {best[3]}, {best[4]} warps")
-    say(f"  best fwd {fastest_fwd[1]:.3f} ms: chunk {fastest_fwd[2]}, tile {fastest_fwd[3]}, {fastest_fwd[4]} warps")
+    best = min(results)
+    say(f"  best fwd+bwd {best[0]:.3f} ms (fwd {best[1]:.3f}): chunk {best[2]}, fwd tile {best[3]} {best[4]} warps, "
+        f"bwd tile {best[5]} {best[6]} warps")  # fmt: skip
 
 
 def load_mamba(peers):

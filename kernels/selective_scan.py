@@ -17,12 +17,12 @@ from .selective_scan_bwd import selective_scan_bwd_kernel
 from .selective_scan_fwd import selective_scan_fwd_kernel
 from .selective_scan_step import selective_scan_step_kernel
 
-CHUNK_SIZES = (8, 16, 32, 64, 128)
-DEFAULT_CHUNK_SIZE = 64
+CHUNK_SIZES = (8, 16, 32, 64)
+DEFAULT_CHUNK_SIZE = 16
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# (c, e) tile elements per program, and warps, for the forward and the backward
-_FWD_TILE, _FWD_WARPS = 2048, 4
-_BWD_TILE, _BWD_WARPS = 2048, 4
+# (c, e, n) tile elements per program, and warps, for the forward and the backward (more live tiles)
+_FWD_TILE, _FWD_WARPS = 4096, 4
+_BWD_TILE, _BWD_WARPS = 4096, 8
 
 
 def prepare_dt_ref(dt, dt_bias=None, dt_softplus=False):
@@ -59,9 +59,9 @@ def _check(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size):
 
 
 def _blocks(width, d_state, tile):
-    """(BLOCK_E, BLOCK_N): as many channels as fill ``tile`` (at most the padded width), and the state padded
-    to a power of two."""
-    return max(1, min(triton.next_power_of_2(width), tile)), triton.next_power_of_2(d_state)
+    """(BLOCK_E, BLOCK_N): the state padded to a power of two, and as many channels as fill ``tile``."""
+    block_n = triton.next_power_of_2(d_state)
+    return max(1, min(triton.next_power_of_2(width), tile // block_n)), block_n
 
 
 def _contiguous(*tensors):
@@ -304,7 +304,7 @@ def selective_scan_step(
     """y: (b, e) in x's dtype; ``state`` (b, e, n, contiguous) updated in place."""
     x, dt, A, B, C, D, z = _contiguous(x, dt, A, B, C, D, z)
     b, e = x.shape
-    block_e, block_n = _blocks(e, A.shape[1], 1024 // triton.next_power_of_2(A.shape[1]))
+    block_e, block_n = _blocks(e, A.shape[1], 1024)
     y = torch.empty_like(x)
     selective_scan_step_kernel[(b, triton.cdiv(e, block_e))](
         x,

@@ -1,14 +1,12 @@
-"""Selective scan forward: one program per (sequence, channel block) walks the chunks in order.
+"""Selective scan forward: one program per (sequence, channel block) walks the chunks in order, the state in registers.
 
-A chunk is a (c, e) tile of time steps by channels; the program loops over the n state components, and for each
-runs the recurrence h_t = a_t h_{t-1} + u_t (a_t = exp(dt_t A[:, i]), u_t = dt_t x_t B_t[i], both (c, e)) as
-one associative scan along time, the chunk's start state entering as h_t += (a_1...a_t) h_start, and adds
-h_t C_t[i] to the output. No tile ever holds all of (c, e, n): registers stay few and the reductions over n
-are plain sums across loop iterations. Only the chunk start states (when asked, for the backward) and the
-final state are written, never a per-step state. Reference: ``ssmblocks.ops.selective_scan.selective_scan_ref``;
-the dt preprocessing that ``load_dt`` fuses is ``ssmblocks.kernels.selective_scan.prepare_dt_ref``.
+Inside a chunk the recurrence h_t = a_t h_{t-1} + u_t (a_t = exp(dt_t A), u_t = dt_t x_t B_t, all (e, n))
+is one associative scan over the (c, e, n) tile; the chunk's start state enters as h_t += (a_1...a_t) h_start.
+Only the chunk start states (when asked, for the backward) and the final state are written, never a per-step
+state. Reference: ``ssmblocks.ops.selective_scan.selective_scan_ref``; the dt preprocessing that ``load_dt``
+fuses is ``ssmblocks.kernels.selective_scan.prepare_dt_ref``.
 Shapes: x, dt, z, y: (b, l, e); A: (e, n); B, C: (b, l, n); D, dt_bias: (e,); init, final: (b, e, n);
-states: (b, k, e, n) for k = ceil(l / c) chunks. In-register (n, e) tiles hold the transposed (e, n) rows.
+states: (b, k, e, n) for k = ceil(l / c) chunks.
 """
 
 import triton
@@ -71,11 +69,11 @@ def selective_scan_fwd_kernel(
     seq, block = tl.program_id(0), tl.program_id(1)
     offs_e = block * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_t = tl.arange(0, CHUNK)
+    offs_c = tl.arange(0, CHUNK)
     mask_e, mask_n = offs_e < width, offs_n < d_state
-    mask_ne = mask_n[:, None] & mask_e[None, :]
-    ne = offs_e[None, :] * d_state + offs_n[:, None]  # (n, e) tile of an (e, n) row-major tensor
-    a_ne = tl.load(A + ne, mask=mask_ne, other=0.0).to(tl.float32)
+    mask_en = mask_e[:, None] & mask_n[None, :]
+    en = offs_e[:, None] * d_state + offs_n[None, :]
+    a_en = tl.load(A + en, mask=mask_en, other=0.0).to(tl.float32)  # (e, n)
     if HAS_BIAS:
         bias = tl.load(dt_bias + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     else:
@@ -83,40 +81,33 @@ def selective_scan_fwd_kernel(
     if HAS_D:
         d_skip = tl.load(D + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     if HAS_INIT:
-        state = tl.load(init + seq * width * d_state + ne, mask=mask_ne, other=0.0).to(tl.float32)
+        state = tl.load(init + seq * width * d_state + en, mask=mask_en, other=0.0).to(tl.float32)
     else:
-        state = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)
-    last = (offs_t == CHUNK - 1)[:, None]
+        state = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
+    last = (offs_c == CHUNK - 1)[:, None, None]
     n_chunks = tl.cdiv(seq_len, CHUNK)
     for k in range(n_chunks):
         if STORE_STATES:
-            tl.store(states + (seq * n_chunks + k) * width * d_state + ne, state, mask=mask_ne)
-        pos = k * CHUNK + offs_t
-        mask_t = pos < seq_len
-        tok = seq * seq_len + pos
-        mask_te = mask_t[:, None] & mask_e[None, :]
+            tl.store(states + (seq * n_chunks + k) * width * d_state + en, state, mask=mask_en)
+        tok = seq * seq_len + k * CHUNK + offs_c
+        mask_c = k * CHUNK + offs_c < seq_len
+        mask_ce = mask_c[:, None] & mask_e[None, :]
         rows = tok[:, None] * width + offs_e[None, :]
-        dt_c, _ = load_dt(dt, bias, rows, mask_te, HAS_BIAS, SOFTPLUS)  # 0 on padded rows: they keep the state
-        x_c = tl.load(x + rows, mask=mask_te, other=0.0).to(tl.float32)
-        dtx = dt_c * x_c
-        out = tl.zeros((CHUNK, BLOCK_E), tl.float32)
-        end = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)
-        for i in range(d_state):
-            pick = offs_n[:, None] == i
-            a_i = tl.sum(tl.where(pick, a_ne, 0.0), 0)  # (e,)
-            b_i = tl.load(B + tok * d_state + i, mask=mask_t, other=0.0).to(tl.float32)  # (c,)
-            c_i = tl.load(C + tok * d_state + i, mask=mask_t, other=0.0).to(tl.float32)
-            decay_cum, h = tl.associative_scan(
-                (tl.exp(dt_c * a_i[None, :]), dtx * b_i[:, None]), 0, first_order_combine
-            )
-            h += decay_cum * tl.sum(tl.where(pick, state, 0.0), 0)[None, :]
-            out += h * c_i[:, None]
-            end = tl.where(pick, tl.sum(tl.where(last, h, 0.0), 0)[None, :], end)
-        state = end
+        dt_c, _ = load_dt(dt, bias, rows, mask_ce, HAS_BIAS, SOFTPLUS)
+        x_c = tl.load(x + rows, mask=mask_ce, other=0.0).to(tl.float32)
+        mask_cn = mask_c[:, None] & mask_n[None, :]
+        b_c = tl.load(B + tok[:, None] * d_state + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
+        decay = tl.exp(dt_c[:, :, None] * a_en[None, :, :])  # (c, e, n); 1 on padded rows
+        u = (dt_c * x_c)[:, :, None] * b_c[:, None, :]
+        decay_cum, h = tl.associative_scan((decay, u), 0, first_order_combine)
+        h += decay_cum * state[None, :, :]
+        state = tl.sum(tl.where(last, h, 0.0), 0)  # padded rows carry the last real state
+        c_c = tl.load(C + tok[:, None] * d_state + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
+        out = tl.sum(h * c_c[:, None, :], 2)  # (c, e)
         if HAS_D:
             out += x_c * d_skip[None, :]
         if HAS_Z:
-            z_c = tl.load(z + rows, mask=mask_te, other=0.0).to(tl.float32)
+            z_c = tl.load(z + rows, mask=mask_ce, other=0.0).to(tl.float32)
             out *= z_c * tl.sigmoid(z_c)
-        tl.store(y + rows, out.to(y.dtype.element_ty), mask=mask_te)
-    tl.store(final + seq * width * d_state + ne, state, mask=mask_ne)
+        tl.store(y + rows, out.to(y.dtype.element_ty), mask=mask_ce)
+    tl.store(final + seq * width * d_state + en, state, mask=mask_en)

@@ -32,7 +32,6 @@ CASES = {
     "plain": (1, 20, 8, 4, 8, False, False, False, False, False, 0.5),
     "D-z-bias-softplus-init": (2, 21, 12, 6, 8, True, True, True, True, True, 0.5),
     "chunk16-large-decay-D-init": (1, 19, 6, 5, 16, True, False, False, False, True, 5.0),
-    "default-chunk-two-chunks": (1, 70, 5, 3, 64, True, True, True, True, True, 0.5),
 }
 
 
