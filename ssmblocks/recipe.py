@@ -12,6 +12,9 @@ which one each layer uses with a ``pattern``, in any of these forms, all normali
 A ``parallel`` mixer runs several named mixers side by side on the same normed input and sums their
 outputs (Falcon-H1 style). Any mix of kinds is allowed.
 
+The shipped recipes (``recipes/*.yaml`` in the repository, package data ``ssmblocks/recipes`` when
+installed) load by name: ``Recipe.from_name("mamba2-130m")``; ``Recipe.names()`` lists them.
+
 Sizes have upper limits, so that a typo or a hostile file is refused by name before anything is allocated:
 vocab_size <= MAX_VOCAB (2**22), widths (d_model, hidden_dim, dt_rank) <= MAX_WIDTH (2**17), n_layers and
 pattern lengths <= MAX_LAYERS (2**12), per-head sizes and head counts <= MAX_HEAD (2**12). YAML is read
@@ -20,6 +23,7 @@ with at most MAX_YAML_NODES values after aliases are expanded (an alias bomb is 
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -242,10 +246,33 @@ class Recipe(_Spec):
         except ValidationError as e:
             raise _first_errors(e) from None
 
+    @classmethod
+    def names(cls) -> list[str]:
+        """The names of the shipped recipes, sorted: what ``from_name`` accepts."""
+        return sorted(path.stem for path in shipped_folder().glob("*.yaml"))
+
+    @classmethod
+    def from_name(cls, name: str) -> Recipe:
+        """A shipped recipe by name (``"mamba2-130m"``, see ``names()``); an unknown name is a ValueError
+        that lists the close matches, or every name when none is close."""
+        names = cls.names()
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else f"shipped: {', '.join(names)}"
+            raise ValueError(f"unknown recipe name {name!r}; {hint}")
+        return cls.from_yaml(shipped_folder() / f"{name}.yaml")
+
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)
         data = {"name": self.name, **data}
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def shipped_folder() -> Path:
+    """The folder of the shipped recipes: ``ssmblocks/recipes`` in an installed wheel, else ``recipes/``
+    beside the package in a source checkout (and an editable install)."""
+    installed = Path(__file__).parent / "recipes"
+    return installed if installed.is_dir() else Path(__file__).parents[1] / "recipes"
 
 
 def _names_a_file(text: str) -> bool:

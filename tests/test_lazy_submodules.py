@@ -20,7 +20,8 @@ def test_import_leaves_torch_distributed_tensor_unimported():
     """torch.distributed.tensor takes about a second to import; only ssmblocks.distributed needs it."""
     code = (
         "import sys, torch, ssmblocks\n"
-        "model = ssmblocks.build(ssmblocks.Recipe.from_name('mamba2-130m').model_copy(update={'n_layers': 1}))\n"
+        "recipe = ssmblocks.Recipe.from_name('mamba2-130m').model_copy(update={'n_layers': 1, 'vocab_size': 256})\n"
+        "model = ssmblocks.build(recipe)\n"
         "ssmblocks.training.param_groups(model, 0.1)\n"
         "assert 'torch.distributed.tensor' not in sys.modules\n"
     )
