@@ -31,3 +31,21 @@ def test_example_runs(script, expect, capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", [script, "--max-new-tokens", "4"] if script == "load_and_generate.py" else [script])
     runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
     assert expect in capsys.readouterr().out
+
+
+LAYERS = ["SSD", "SelectiveSSM", "Attention", "CausalConv1d", "RMSNorm", "GatedRMSNorm", "SwiGLU"]
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_help_documents_every_constructor_argument(name):
+    import inspect
+    import pydoc
+
+    import ssmblocks
+
+    layer = getattr(ssmblocks, name)
+    args_section = layer.__doc__.split("Args:", 1)[1]
+    documented = set(re.findall(r"^\s{8}(\w+(?:, \w+)*):", args_section, re.M))
+    documented = {arg for entry in documented for arg in entry.split(", ")}
+    assert documented == set(inspect.signature(layer).parameters), name
+    assert "Initialize internal Module state" not in pydoc.render_doc(layer, renderer=pydoc.plaintext)
