@@ -94,7 +94,7 @@ class SSDSpec(_Spec):
     head_dim: HeadSize = Field(64, description="head size p; heads h = e / p")
     n_groups: HeadSize = Field(1, description="groups of B and C, each shared by heads / n_groups heads")
     chunk_size: _size(2**16) | None = Field(
-        None, description="chunk of the chunked scan; None: each implementation's own. Never changes results"
+        None, description="chunk of the chunked scan; null: each implementation's own. Never changes results"
     )
     dt_min: PositiveFloat = Field(0.001, description="smallest initial dt (dt_bias is drawn log-uniform)")
     dt_max: PositiveFloat = Field(0.1, description="largest initial dt")
@@ -196,7 +196,7 @@ class Recipe(_Spec):
     norm: NormSpec = Field(default_factory=NormSpec, description="the norm of every block and the final norm")
     mixers: dict[str, MixerSpec] = Field(min_length=1, description="named mixer specs that the pattern uses")
     mlp: SwiGLUSpec | None = Field(None, description="MLP after each mixer; null = Mamba-style blocks")
-    pattern: Pattern = Field(description="which mixer each layer uses (see the module docstring)")
+    pattern: Pattern = Field(description="which mixer each layer uses: a list, a string or a mapping (see below)")
 
     @field_validator("mixers")
     @classmethod
