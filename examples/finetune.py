@@ -63,10 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     tokens = encode(model, Path(args.text).read_text(encoding="utf-8")).to(args.device)
     if tokens.numel() <= args.seq_len + 1:
         raise SystemExit(f"finetune: {args.text} has {tokens.numel()} tokens, fewer than --seq-len {args.seq_len}")
-    config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=lora_targets(model))
+    targets = lora_targets(model)  # before get_peft_model, which wraps each target in LoRA modules
+    config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets)
     lora = peft.get_peft_model(model, config).train()
     trainable = [p for p in lora.parameters() if p.requires_grad]
-    print(f"LoRA on {lora_targets(model)}: {sum(p.numel() for p in trainable):,} trainable parameters")
+    print(f"LoRA on {targets}: {sum(p.numel() for p in trainable):,} trainable parameters")
     opt = torch.optim.AdamW(trainable, lr=args.lr)
 
     bar = tqdm(range(args.steps), desc="fine-tuning")

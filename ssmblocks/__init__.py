@@ -1,6 +1,6 @@
 """ssmblocks: state-space-model layers (Mamba, Mamba2, hybrids) for people who build their own models."""
 
-from . import ops, training
+from . import ops
 from .checkpoints import from_pretrained, save_pretrained
 from .errors import CheckpointError, ShapeError, SSMBlocksError, StateError
 from .generation import generate, stream
@@ -12,7 +12,7 @@ from .state import ConvState, KVCache, ModelState, SSMState
 __version__ = "0.1.0"
 
 # Submodules reachable as attributes (ssmblocks.quantization.quantize_int8) but imported on first use only.
-_LAZY_SUBMODULES = ("allocator", "distributed", "quantization")
+_LAZY_SUBMODULES = ("allocator", "distributed", "quantization", "training")
 
 
 def __getattr__(name: str):

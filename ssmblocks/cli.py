@@ -1,10 +1,14 @@
-"""The ``ssmblocks`` command: ``info RECIPE``, ``generate`` and ``convert``. An error in what the user asked
-for is printed as one line, ``ssmblocks: error: ...``, with exit status 2 (as argparse does), not a traceback."""
+"""The ``ssmblocks`` command: ``recipes``, ``info RECIPE``, ``generate`` and ``convert``. Every error in what
+the user asked for, the command line's own included, is printed as one line, ``ssmblocks: error: ...``, with
+exit status 2 (as argparse does), not a traceback."""
 
 from __future__ import annotations
 
 import argparse
+import codecs
+import os
 import sys
+from pathlib import Path
 
 import torch
 import yaml
@@ -18,6 +22,23 @@ from .state import map_state
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a bad recipe, checkpoint, path, argument or device raises; anything else is a bug and keeps its traceback.
 USER_ERRORS = (SSMBlocksError, ValueError, TypeError, OSError, yaml.YAMLError, RuntimeError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line like every other error (argparse prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"ssmblocks: error: {message} (see {self.prog} --help)\n")
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A shipped recipe by name (``mamba2-130m``), or a recipe YAML file: a path with a '/', a .yaml or .yml
+    suffix, or an existing file."""
+    if "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith((".yaml", ".yml")):
+        return Recipe.from_yaml(Path(name_or_path))
+    if Path(name_or_path).is_file():
+        return Recipe.from_yaml(Path(name_or_path))
+    return Recipe.from_name(name_or_path)
 
 
 def _bytes(state) -> int:
@@ -56,37 +77,109 @@ def info(recipe: Recipe, dtype: torch.dtype) -> str:
     return "\n".join(lines)
 
 
-def _generate(args) -> None:
-    from .generation import generate
+def recipes() -> str:
+    """One line per shipped recipe: name, layers, width and mixer kinds."""
+    lines = []
+    for name in Recipe.names():
+        recipe = Recipe.from_name(name)
+        kinds = sorted({spec.kind for spec in recipe.mixers.values()})
+        lines.append(f"{name:<22} {recipe.n_layers:>3} layers  d_model {recipe.d_model:>5}  {', '.join(kinds)}")
+    return "\n".join(lines)
 
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False)")
+    return device
+
+
+class _ByteText:
+    """Byte-level tokens: the prompt's UTF-8 bytes are its ids; generated ids are bytes, decoded as they come
+    (a character split over tokens appears once complete; ids >= 256 print as ``<id>``)."""
+
+    def __init__(self):
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def add(self, token: int) -> str:
+        if token >= 256:
+            return self._decoder.decode(b"", final=True) + f"<{token}>"
+        return self._decoder.decode(bytes([token]))
+
+    def finish(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+class _TokenizerText:
+    """A ``tokenizers.Tokenizer``: the text of all generated ids is decoded again at each step and the new
+    part printed, held back while it ends in an incomplete character."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self._ids, self._shown = tokenizer, [], 0
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text).ids
+
+    def add(self, token: int) -> str:
+        self._ids.append(token)
+        text = self._tokenizer.decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self._shown = text[self._shown :], len(text)
+        return new
+
+    def finish(self) -> str:
+        return self._tokenizer.decode(self._ids)[self._shown :]
+
+
+def _generate(args) -> None:
+    from .checkpoints import from_pretrained
+    from .generation import stream
+
+    device, dtype = _device(args.device), DTYPES[args.dtype]
     torch.manual_seed(args.seed)
-    recipe = Recipe.from_yaml(args.recipe)
-    model = build(recipe, device=args.device, dtype=DTYPES[args.dtype]).eval()
-    prompt = list(args.prompt.encode("utf-8"))
+    if args.model is not None:
+        if args.model.startswith((".", "/", os.sep)) and not Path(args.model).exists():  # a path, not a hub id
+            raise ValueError(f"--model {args.model!r}: no such checkpoint folder")
+        model = from_pretrained(args.model, dtype=dtype, device=device)
+        tokenizer = getattr(model, "tokenizer", None)
+    else:
+        model = build(load_recipe(args.recipe), device=device, dtype=dtype).eval()
+        tokenizer = None
+    text = _ByteText() if tokenizer is None else _TokenizerText(tokenizer)
+    prompt = text.encode(args.prompt)
     if not prompt:
         raise ValueError("generate: --prompt is empty; give at least one character")
-    if max(prompt) >= recipe.vocab_size:
-        raise ValueError(f"generate: byte-level prompt needs vocab_size >= 256, recipe has {recipe.vocab_size}")
-    ids = torch.tensor([prompt], device=args.device)
-
-    def show(token):
-        t = int(token[0])
-        sys.stdout.write(bytes([t]).decode("utf-8", "replace") if t < 256 else f"<{t}>")
-        sys.stdout.flush()
-
+    vocab = model.recipe.vocab_size
+    if max(prompt) >= vocab:
+        need = f"the prompt has id {max(prompt)}" if tokenizer else "a byte-level prompt needs vocab_size >= 256"
+        raise ValueError(f"generate: {need}, but the model's vocab_size is {vocab}")
+    if args.recipe is not None:
+        print(f"ssmblocks: {model.recipe.name} has random weights (--recipe: untrained)", file=sys.stderr)
+    if tokenizer is None:
+        why = "the checkpoint has no tokenizer.json" if args.model is not None else "a recipe has no tokenizer"
+        print(f"ssmblocks: byte-level tokens ({why}): the prompt's UTF-8 bytes are its ids", file=sys.stderr)
     sys.stdout.write(args.prompt)
-    generate(
+    sys.stdout.flush()
+    for token in stream(
         model,
-        ids,
+        torch.tensor([prompt], device=device),
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature > 0,
         temperature=max(args.temperature, 1e-6),
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        streamer=show,
-    )
-    sys.stdout.write("\n")
+    ):
+        sys.stdout.write(text.add(int(token[0])))
+        sys.stdout.flush()
+    sys.stdout.write(text.finish() + "\n")
 
 
 def _convert(args) -> None:
@@ -99,14 +192,22 @@ def _convert(args) -> None:
     print(f"wrote {args.dst} ({args.to} format, {model.num_parameters():,} parameters)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="ssmblocks", description="State-space-model blocks: inspect and run recipes")
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ssmblocks", description="State-space-model blocks: inspect recipes, run checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("recipes", help="list the shipped recipes (the names info and generate --recipe take)")
     p_info = sub.add_parser("info", help="parameters, per-layer table, state and KV-cache sizes of a recipe")
-    p_info.add_argument("recipe", help="path to a recipe YAML")
+    p_info.add_argument("recipe", help="a shipped recipe's name (see 'ssmblocks recipes') or a recipe YAML path")
     p_info.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="activation dtype for the sizes")
-    p_gen = sub.add_parser("generate", help="generate from a recipe (random weights), byte-level tokens")
-    p_gen.add_argument("--recipe", required=True, help="path to a recipe YAML")
+    p_gen = sub.add_parser(
+        "generate",
+        help="stream a generation from a checkpoint (or a recipe's random weights)",
+        description="Stream a generation. Tokens: the checkpoint's tokenizer.json when it has one, else bytes "
+        "(the prompt's UTF-8 bytes are its ids).",
+    )
+    source = p_gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint folder or hub id (any family from_pretrained loads)")
+    source.add_argument("--recipe", help="recipe name or YAML path: random weights, for trying a shape")
     p_gen.add_argument("--prompt", default="Hello")
     p_gen.add_argument("--max-new-tokens", type=int, default=32)
     p_gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -121,16 +222,25 @@ def main(argv: list[str] | None = None) -> None:
     p_conv.add_argument("--to", required=True, choices=["hf", "ssmblocks"])
     p_conv.add_argument("--dtype", choices=DTYPES, default=None, help="default float32")
     p_conv.add_argument("--max-shard-size", type=int, default=5 * 2**30, help="bytes per safetensors shard")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "info":
-            print(info(Recipe.from_yaml(args.recipe), DTYPES[args.dtype]))
+        if args.command == "recipes":
+            print(recipes())
+        elif args.command == "info":
+            print(info(load_recipe(args.recipe), DTYPES[args.dtype]))
         elif args.command == "convert":
             _convert(args)
         else:
             _generate(args)
     except USER_ERRORS as e:
         parser.exit(2, f"ssmblocks: error: {one_line(e)}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "\n")
 
 
 def one_line(error: BaseException, limit: int = 2000) -> str:

@@ -12,6 +12,9 @@ which one each layer uses with a ``pattern``, in any of these forms, all normali
 A ``parallel`` mixer runs several named mixers side by side on the same normed input and sums their
 outputs (Falcon-H1 style). Any mix of kinds is allowed.
 
+The shipped recipes (``recipes/*.yaml`` in the repository, package data ``ssmblocks/recipes`` when
+installed) load by name: ``Recipe.from_name("mamba2-130m")``; ``Recipe.names()`` lists them.
+
 Sizes have upper limits, so that a typo or a hostile file is refused by name before anything is allocated:
 vocab_size <= MAX_VOCAB (2**22), widths (d_model, hidden_dim, dt_rank) <= MAX_WIDTH (2**17), n_layers and
 pattern lengths <= MAX_LAYERS (2**12), per-head sizes and head counts <= MAX_HEAD (2**12). YAML is read
@@ -20,6 +23,7 @@ with at most MAX_YAML_NODES values after aliases are expanded (an alias bomb is 
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -68,57 +72,57 @@ class _Spec(BaseModel):
 class SelectiveSSMSpec(_Spec):
     """Mamba1 mixer (ssmblocks.SelectiveSSM)."""
 
-    kind: Literal["selective_ssm"]
+    kind: Literal["selective_ssm"] = Field(description="selective_ssm: Mamba1's mixer")
     d_state: HeadSize = Field(16, description="state size n per channel")
-    d_conv: _size(1024) = Field(4, description="causal conv width")
+    d_conv: _size(1024) = Field(4, description="causal conv width k")
     expand: _size(64) = Field(2, description="inner width e = expand * d_model")
-    dt_rank: Width | Literal["auto"] = Field("auto", description="rank of the dt projection; auto = ceil(d/16)")
-    dt_min: PositiveFloat = 0.001
-    dt_max: PositiveFloat = 0.1
-    dt_init_floor: PositiveFloat = 1e-4
-    conv_bias: bool = True
+    dt_rank: Width | Literal["auto"] = Field("auto", description="rank of the dt projection; auto = ceil(d_model / 16)")
+    dt_min: PositiveFloat = Field(0.001, description="smallest initial dt (dt_proj's bias is drawn log-uniform)")
+    dt_max: PositiveFloat = Field(0.1, description="largest initial dt")
+    dt_init_floor: PositiveFloat = Field(1e-4, description="initial dt is at least this")
+    conv_bias: bool = Field(True, description="bias in the causal conv")
     bias: bool = Field(False, description="bias in in_proj and out_proj")
 
 
 class SSDSpec(_Spec):
     """Mamba2 mixer (ssmblocks.SSD)."""
 
-    kind: Literal["ssd"]
+    kind: Literal["ssd"] = Field(description="ssd: Mamba2's mixer")
     d_state: HeadSize = Field(128, description="state size n per head")
-    d_conv: _size(1024) = 4
-    expand: _size(64) = 2
-    head_dim: HeadSize = 64
+    d_conv: _size(1024) = Field(4, description="causal conv width k")
+    expand: _size(64) = Field(2, description="inner width e = expand * d_model")
+    head_dim: HeadSize = Field(64, description="head size p; heads h = e / p")
     n_groups: HeadSize = Field(1, description="groups of B and C, each shared by heads / n_groups heads")
     chunk_size: _size(2**16) | None = Field(
-        None, description="chunk of the chunked scan; None: each implementation's own. Never changes results"
+        None, description="chunk of the chunked scan; null: each implementation's own. Never changes results"
     )
-    dt_min: PositiveFloat = 0.001
-    dt_max: PositiveFloat = 0.1
-    dt_init_floor: PositiveFloat = 1e-4
-    dt_limit: tuple[float, float] = Field((0.0, math.inf), description="clamp of dt after softplus")
-    D_has_hdim: bool = False
-    norm_before_gate: bool = False
-    norm_eps: PositiveFloat = 1e-5
-    conv_bias: bool = True
-    bias: bool = False
+    dt_min: PositiveFloat = Field(0.001, description="smallest initial dt (dt_bias is drawn log-uniform)")
+    dt_max: PositiveFloat = Field(0.1, description="largest initial dt")
+    dt_init_floor: PositiveFloat = Field(1e-4, description="initial dt is at least this")
+    dt_limit: tuple[float, float] = Field((0.0, math.inf), description="(low, high) clamp of dt after softplus")
+    D_has_hdim: bool = Field(False, description="skip weight D per channel (h * p values) instead of per head")
+    norm_before_gate: bool = Field(False, description="gated norm: norm(x) * silu(z) instead of norm(x * silu(z))")
+    norm_eps: PositiveFloat = Field(1e-5, description="epsilon of the gated RMS norm")
+    conv_bias: bool = Field(True, description="bias in the causal conv")
+    bias: bool = Field(False, description="bias in in_proj and out_proj")
 
 
 class AttentionSpec(_Spec):
     """Causal grouped-query attention with RoPE (ssmblocks.Attention)."""
 
-    kind: Literal["attention"]
-    n_heads: HeadSize
+    kind: Literal["attention"] = Field(description="attention: causal grouped-query attention with RoPE")
+    n_heads: HeadSize = Field(description="query heads")
     n_kv_heads: HeadSize | None = Field(None, description="key/value heads; None = n_heads")
     head_dim: HeadSize | None = Field(None, description="None = d_model / n_heads")
-    rope_theta: PositiveFloat = 10000.0
+    rope_theta: PositiveFloat = Field(10000.0, description="RoPE base")
     rotary_fraction: float = Field(1.0, ge=0.0, le=1.0, description="share of each head's dims that RoPE rotates")
-    bias: bool = False
+    bias: bool = Field(False, description="bias in q_proj, k_proj, v_proj and o_proj")
 
 
 class ParallelSpec(_Spec):
     """Several named mixers on the same normed input, outputs summed (Falcon-H1 style)."""
 
-    kind: Literal["parallel"]
+    kind: Literal["parallel"] = Field(description="parallel: named mixers side by side, outputs summed")
     mixers: list[str] = Field(min_length=2, description="names of other (non-parallel) mixers of this recipe")
 
 
@@ -126,30 +130,34 @@ MixerSpec = Annotated[SelectiveSSMSpec | SSDSpec | AttentionSpec | ParallelSpec,
 
 
 class SwiGLUSpec(_Spec):
-    kind: Literal["swiglu"] = "swiglu"
-    hidden_dim: Width
-    bias: bool = False
+    """SwiGLU MLP (ssmblocks.SwiGLU)."""
+
+    kind: Literal["swiglu"] = Field("swiglu", description="swiglu, the one MLP kind")
+    hidden_dim: Width = Field(description="hidden units of gate_proj and up_proj")
+    bias: bool = Field(False, description="bias in gate_proj, up_proj and down_proj")
 
 
 class NormSpec(_Spec):
-    kind: Literal["rmsnorm"] = "rmsnorm"
-    eps: PositiveFloat = 1e-5
+    """The norm before each mixer and MLP and after the last block (ssmblocks.RMSNorm)."""
+
+    kind: Literal["rmsnorm"] = Field("rmsnorm", description="rmsnorm, the one norm kind")
+    eps: PositiveFloat = Field(1e-5, description="epsilon added to the mean square")
 
 
 class PatternOverrides(_Spec):
     """Every layer uses ``default`` except the layers listed in ``at`` (index -> mixer)."""
 
-    default: str
-    at: dict[int, str] = Field(default_factory=dict)
+    default: str = Field(description="the mixer of every layer not in at")
+    at: dict[int, str] = Field(default_factory=dict, description="layer index -> mixer name")
 
 
 class PatternPeriodic(_Spec):
     """Layer i uses ``use`` when i % every == offset, else ``default``."""
 
-    default: str
-    every: _size(MAX_LAYERS)
-    offset: int = Field(0, ge=0)
-    use: str
+    default: str = Field(description="the mixer of the other layers")
+    every: _size(MAX_LAYERS) = Field(description="the period")
+    offset: int = Field(0, ge=0, description="the layer within each period that uses use")
+    use: str = Field(description="the mixer of layers i with i % every == offset")
 
     @model_validator(mode="after")
     def _offset_below_period(self):
@@ -179,16 +187,16 @@ class Recipe(_Spec):
     """A whole causal LM: embedding -> n_layers pre-norm residual blocks -> final norm -> LM head."""
 
     name: str = Field(description="a name for humans")
-    vocab_size: _size(MAX_VOCAB)
+    vocab_size: _size(MAX_VOCAB) = Field(description="tokens of the embedding and LM head")
     pad_vocab_size_multiple: _size(2**16) = Field(1, description="embedding rows are padded up to a multiple")
-    d_model: Width
-    n_layers: _size(MAX_LAYERS)
-    tie_embeddings: bool = True
+    d_model: Width = Field(description="model width d")
+    n_layers: _size(MAX_LAYERS) = Field(description="blocks; the pattern must give this many layers")
+    tie_embeddings: bool = Field(True, description="the LM head shares the embedding's weight")
     residual_in_fp32: bool = Field(True, description="keep the residual stream in float32")
-    norm: NormSpec = Field(default_factory=NormSpec)
+    norm: NormSpec = Field(default_factory=NormSpec, description="the norm of every block and the final norm")
     mixers: dict[str, MixerSpec] = Field(min_length=1, description="named mixer specs that the pattern uses")
     mlp: SwiGLUSpec | None = Field(None, description="MLP after each mixer; null = Mamba-style blocks")
-    pattern: Pattern = Field(description="which mixer each layer uses (see the module docstring)")
+    pattern: Pattern = Field(description="which mixer each layer uses: a list, a string or a mapping (see below)")
 
     @field_validator("mixers")
     @classmethod
@@ -242,10 +250,33 @@ class Recipe(_Spec):
         except ValidationError as e:
             raise _first_errors(e) from None
 
+    @classmethod
+    def names(cls) -> list[str]:
+        """The names of the shipped recipes, sorted: what ``from_name`` accepts."""
+        return sorted(path.stem for path in shipped_folder().glob("*.yaml"))
+
+    @classmethod
+    def from_name(cls, name: str) -> Recipe:
+        """A shipped recipe by name (``"mamba2-130m"``, see ``names()``); an unknown name is a ValueError
+        that lists the close matches, or every name when none is close."""
+        names = cls.names()
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else f"shipped: {', '.join(names)}"
+            raise ValueError(f"unknown recipe name {name!r}; {hint}")
+        return cls.from_yaml(shipped_folder() / f"{name}.yaml")
+
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)
         data = {"name": self.name, **data}
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def shipped_folder() -> Path:
+    """The folder of the shipped recipes: ``ssmblocks/recipes`` in an installed wheel, else ``recipes/``
+    beside the package in a source checkout (and an editable install)."""
+    installed = Path(__file__).parent / "recipes"
+    return installed if installed.is_dir() else Path(__file__).parents[1] / "recipes"
 
 
 def _names_a_file(text: str) -> bool:

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+
+from .layers._local import is_dtensor
 
 # Parameters that weight decay must not shrink: the SSM dynamics (A_log, D, dt biases), norms and biases.
 _NO_DECAY_NAMES = ("A_log", "D", "dt_bias", "bias")
@@ -26,7 +27,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not param.requires_grad:
             continue
         exempt = name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES or id(param) in norm_params
-        groups.setdefault((isinstance(param, DTensor), exempt), []).append(param)
+        groups.setdefault((is_dtensor(param), exempt), []).append(param)
     return [
         {"params": ps, "weight_decay": 0.0 if exempt else weight_decay} for (_, exempt), ps in sorted(groups.items())
     ]
@@ -50,9 +51,9 @@ def lora_targets(model: nn.Module, exclude: tuple[str, ...] = ("lm_head",)) -> l
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(parameters: nn.Module | Iterable[torch.Tensor] | torch.Tensor, max_norm: float) -> torch.Tensor:
     """Scale gradients so their total 2-norm is at most max_norm (> 0, finite); returns the norm before
-    clipping. parameters: an iterable of tensors or one tensor.
+    clipping. parameters: a module (its parameters), an iterable of tensors or one tensor.
 
     Like torch.nn.utils.clip_grad_norm_, but also for models whose parameters mix DTensors and plain
     tensors (ssmblocks.distributed.tensor_parallel splits the layers and replicates the rest): a DTensor's
@@ -60,12 +61,15 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm:
     """
     if isinstance(max_norm, bool) or not isinstance(max_norm, int | float) or not 0 < max_norm < math.inf:
         raise ValueError(f"clip_grad_norm_: max_norm must be a positive finite number, got {max_norm!r}")
-    parameters = [parameters] if isinstance(parameters, torch.Tensor) else parameters
+    if isinstance(parameters, nn.Module):
+        parameters = parameters.parameters()
+    elif isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
     grads = [p.grad for p in parameters if p.grad is not None]
     norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
-    norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+    norms = [n.full_tensor() if is_dtensor(n) else n for n in norms]
     total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
-        (g.to_local() if isinstance(g, DTensor) else g).mul_(scale.to(g.dtype))
+        (g.to_local() if is_dtensor(g) else g).mul_(scale.to(g.dtype))
     return total

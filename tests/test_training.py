@@ -79,3 +79,14 @@ def test_clip_grad_norm_matches_torch_on_a_plain_model():
         assert_close(p.grad, q.grad, 1e-5, name)
     clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ours.parameters()]))
     assert abs(clipped.item() - 0.5) < 1e-4
+
+
+def test_clip_grad_norm_takes_a_module_as_its_parameters():
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    ours, theirs = hybrid(), hybrid()
+    theirs.load_state_dict(ours.state_dict())
+    for model in (ours, theirs):
+        model(ids, labels=ids).loss.backward()
+    assert_close(clip_grad_norm_(ours, 0.5), clip_grad_norm_(theirs.parameters(), 0.5), 1e-6)
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert_close(p.grad, q.grad, 1e-6)

@@ -38,6 +38,16 @@ class Attention(SequenceLayer):
     x: (b, l, d_model) -> (b, l, d_model). n_heads query heads share n_kv_heads key/value heads.
     State: ``KVCache`` (see ssmblocks.state), preallocated for ``max_seqlen`` tokens and grown if needed.
     Positions count real tokens only, so a left-padded row sees the same positions as the row alone.
+
+    Args:
+        d_model: model width d.
+        n_heads: query heads.
+        n_kv_heads: key/value heads (must divide n_heads); None = n_heads.
+        head_dim: size of each head; None = d_model / n_heads.
+        rope_theta: RoPE base.
+        rotary_fraction: share of each head's dims that RoPE rotates (the first ones), in [0, 1].
+        bias: bias in q_proj, k_proj, v_proj and o_proj.
+        device, dtype: of the parameters.
     """
 
     state_type = KVCache
@@ -54,6 +64,7 @@ class Attention(SequenceLayer):
         device=None,
         dtype=None,
     ):
+        """Build the layer; the arguments are described in the class docstring."""
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         check_positive("Attention", d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads)

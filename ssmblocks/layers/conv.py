@@ -20,6 +20,13 @@ class CausalConv1d(SequenceLayer):
     Parameters ``weight (channels, 1, k)`` and ``bias (channels,)`` have the shapes of a depthwise
     ``nn.Conv1d``, so checkpoints map one to one. activation: None or "silu". Padded positions
     (attention_mask 0) are skipped.
+
+    Args:
+        channels: channels of x (one filter each).
+        kernel_size: width k of each filter.
+        bias: whether there is a bias.
+        activation: None or "silu", applied to the output.
+        device, dtype: of the parameters.
     """
 
     state_type = ConvState
@@ -33,6 +40,7 @@ class CausalConv1d(SequenceLayer):
         device=None,
         dtype=None,
     ):
+        """Build the layer; the arguments are described in the class docstring."""
         super().__init__()
         check_positive("CausalConv1d", channels=channels, kernel_size=kernel_size)
         if activation not in (None, "silu"):

@@ -11,9 +11,17 @@ from .linear import Linear
 
 
 class SwiGLU(nn.Module):
-    """y = down_proj(silu(gate_proj(x)) * up_proj(x)); x, y: (b, l, d_model). Stateless."""
+    """y = down_proj(silu(gate_proj(x)) * up_proj(x)); x, y: (b, l, d_model). Stateless.
+
+    Args:
+        d_model: model width d.
+        hidden_dim: hidden units of gate_proj and up_proj.
+        bias: bias in the three projections.
+        device, dtype: of the parameters.
+    """
 
     def __init__(self, d_model: int, hidden_dim: int, bias: bool = False, device=None, dtype=None):
+        """Build the layer; the arguments are described in the class docstring."""
         super().__init__()
         check_positive("SwiGLU", d_model=d_model, hidden_dim=hidden_dim)
         self.d_model, self.hidden_dim = d_model, hidden_dim

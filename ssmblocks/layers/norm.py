@@ -16,9 +16,16 @@ def _check_last_dim(x: torch.Tensor, dim: int, layer: str) -> None:
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * weight over the last dimension; x: (..., dim). Stateless."""
+    """y = x / rms(x) * weight over the last dimension; x: (..., dim). Stateless.
+
+    Args:
+        dim: size of the last dimension.
+        eps: added to the mean square.
+        device, dtype: of the weight.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
+        """Build the layer; the arguments are described in the class docstring."""
         super().__init__()
         check_positive("RMSNorm", dim=dim)
         self.dim, self.eps = dim, eps
@@ -41,6 +48,13 @@ class GatedRMSNorm(nn.Module):
     norm_before_gate=False (Mamba2's default): y = norm(x * silu(z)) * weight.
     norm_before_gate=True: y = norm(x) * weight * silu(z).
     group_size defaults to dim (one group); Mamba2 uses dim / n_groups.
+
+    Args:
+        dim: size of the last dimension.
+        eps: added to the mean square.
+        group_size: channels per normalised group (must divide dim); None = dim.
+        norm_before_gate: see above.
+        device, dtype: of the weight.
     """
 
     def __init__(
@@ -52,6 +66,7 @@ class GatedRMSNorm(nn.Module):
         device=None,
         dtype=None,
     ):
+        """Build the layer; the arguments are described in the class docstring."""
         super().__init__()
         check_positive("GatedRMSNorm", dim=dim)
         group_size = dim if group_size is None else group_size

@@ -25,6 +25,20 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
     x: (b, l, d_model) -> (b, l, d_model). Inner width e = expand * d_model, state size n = d_state.
     A_log (e, n) and D (e,) stay float32 when the layer is cast; the scan runs in float32.
     State: ``SSMState(conv (b, e, d_conv - 1), ssm (b, e, n))``, ssm in ``state_dtype`` (float32).
+
+    Args:
+        d_model: model width d.
+        d_state: state size n per channel.
+        d_conv: causal conv width k.
+        expand: inner width e = expand * d_model.
+        dt_rank: rank of dt_proj's input; "auto" = ceil(d_model / 16).
+        dt_min, dt_max: range of the initial dt (softplus(dt_proj.bias) is drawn log-uniform in it).
+        dt_init_floor: initial dt is at least this.
+        dt_scale: dt_proj.weight starts uniform in +-dt_scale / sqrt(dt_rank).
+        conv_bias: bias in the causal conv.
+        bias: bias in in_proj and out_proj.
+        state_dtype: dtype of the ssm state (float32).
+        device, dtype: of the parameters (A_log, D stay float32).
     """
 
     state_type = SSMState
@@ -47,6 +61,7 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
         device=None,
         dtype=None,
     ):
+        """Build the layer; the arguments are described in the class docstring."""
         super().__init__()
         check_positive("SelectiveSSM", d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand)
         if dt_rank != "auto":

@@ -29,6 +29,26 @@ class SSD(KeepFloat32, SequenceLayer):
     State: ``SSMState(conv (b, e + 2 g n, d_conv - 1), ssm (b, h, p, n))``, ssm in ``state_dtype``.
     ``chunk_size``: the chunk of the chunked algorithm, or None for each implementation's own (the torch
     path's is 64, its fastest on CPU). The chunk changes the order of the arithmetic, never the result.
+
+    Args:
+        d_model: model width d.
+        d_state: state size n per head.
+        d_conv: causal conv width k.
+        expand: inner width e = expand * d_model.
+        head_dim: head size p; heads h = e / p (must divide e).
+        n_groups: groups g of B and C (must divide h).
+        chunk_size: chunk of the chunked scan, or None for each implementation's own.
+        dt_min, dt_max: range of the initial dt (softplus(dt_bias) is drawn log-uniform in it).
+        dt_init_floor: initial dt is at least this.
+        dt_limit: (low, high) clamp of dt after the softplus; (0, inf) clamps nothing.
+        A_init_range: the decay rate exp(A_log) (A = -exp(A_log)) starts uniform in this range, one per head.
+        D_has_hdim: skip weight D per channel (e values) instead of per head (h values).
+        norm_before_gate: gated norm as norm(y) * silu(z) instead of norm(y * silu(z)) (Mamba2: False).
+        norm_eps: epsilon of the gated RMS norm.
+        conv_bias: bias in the causal conv.
+        bias: bias in in_proj and out_proj.
+        state_dtype: dtype of the ssm state (float32).
+        device, dtype: of the parameters (A_log, D, dt_bias stay float32).
     """
 
     state_type = SSMState
@@ -57,6 +77,7 @@ class SSD(KeepFloat32, SequenceLayer):
         device=None,
         dtype=None,
     ):
+        """Build the layer; the arguments are described in the class docstring."""
         super().__init__()
         check_positive(
             "SSD",
