@@ -1,6 +1,6 @@
 """Scaling out with PyTorch's own engine (launch with torchrun; gloo on CPU, nccl on GPUs).
 
-- ``fully_shard_blocks``: FSDP2, data parallel with sharded parameters.
+- ``fully_shard_blocks``: FSDP2, data parallel with sharded parameters, optionally in bf16 mixed precision.
 - ``tensor_parallel``: Megatron-style tensor parallelism with DTensor: every mixer and MLP is split by heads
   (channels for Mamba1) across the ranks of a 1-D mesh; one all-reduce per mixer and per MLP in forward.
   ``vocab_parallel=True`` splits the embedding and LM head by vocabulary rows too, with a cross-entropy that
@@ -24,17 +24,44 @@ from .losses import IGNORE
 from .ops import linear
 
 
-def fully_shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
+def fully_shard_blocks(model: nn.Module, mesh=None, param_dtype: torch.dtype | None = None) -> nn.Module:
     """FSDP2: shard every block of a CausalLM (one all-gather per block in forward and backward), then the
     rest (embedding, final norm, LM head). ``mesh``: a 1-D DeviceMesh, or None for the default process group.
     Gradients are averaged over ranks, as data parallelism over the ranks' batches expects. Returns the
-    model, changed in place."""
-    from torch.distributed.fsdp import fully_shard
+    model, changed in place.
 
+    ``param_dtype`` (torch.bfloat16, say): mixed precision. Parameters are all-gathered and compute in it,
+    gradients are reduce-scattered in float32, the sharded parameters (and so the optimizer) stay float32:
+    the forward is that of ``model.to(param_dtype)`` (the residual stream float32 if ``residual_in_fp32``).
+    FSDP2 casts every parameter of a group, so the SSM layers' float32 ones (``_keep_float32``: A_log, D,
+    dt_bias; a few floats per head or channel) are left out of FSDP: kept whole and float32 on every rank,
+    their gradients averaged over the ranks by an all-reduce as each is accumulated."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # the model casts for itself: the blocks take the residual stream in float32 if the recipe says so
+    policy = MixedPrecisionPolicy(param_dtype, torch.float32 if param_dtype else None, cast_forward_inputs=False)
+    kept = set()
+    if param_dtype is not None:
+        kept = {getattr(m, name) for m in model.modules() for name in getattr(m, "_keep_float32", ())}
+        average = _AverageGradient(dist.group.WORLD if mesh is None else mesh.get_group())
+        for param in kept:
+            param.register_post_accumulate_grad_hook(average)
     for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=kept)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=kept)
     return model
+
+
+class _AverageGradient:
+    """Post-accumulate-grad hook: the parameter's gradient becomes its mean over the ranks of ``group``."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, param: torch.Tensor) -> None:
+        grad = local(param.grad)
+        dist.all_reduce(grad, group=self.group)
+        grad /= dist.get_world_size(self.group)
 
 
 def tensor_parallel(model: nn.Module, mesh, vocab_parallel: bool = False) -> nn.Module:
