@@ -1,4 +1,4 @@
-"""Train a recipe's model on several processes with PyTorch's own engine: FSDP2 or tensor parallelism.
+"""Train a recipe's model on several processes with PyTorch's own engine: FSDP2, tensor parallelism or both.
 
     torchrun --nproc_per_node 2 examples/train_distributed.py --parallel fsdp        # CPU: gloo
     torchrun --nproc_per_node 2 examples/train_distributed.py --parallel tp --device cuda --recipe hybrid-bamba-1b \
@@ -6,6 +6,10 @@
 
 --parallel fsdp: data parallel, each rank trains on its share of the global batch with sharded parameters.
 --parallel tp: every rank runs the whole batch; each layer's heads are split across the ranks.
+--parallel 2d: tensor parallel inside groups of --tp-size ranks, FSDP2 across the groups (a 2-D mesh).
+--vocab-parallel (tp, 2d): the embedding and LM head split by vocabulary rows too, with a vocabulary-parallel
+cross-entropy. --param-dtype bf16 (fsdp, 2d): FSDP2 mixed precision, A_log, D and dt_bias kept float32.
+--loss-chunk-size: the LM head and loss a chunk of tokens at a time.
 --parallel none: one process (the baseline a parallel run is compared with; run it with nproc_per_node 1).
 The data is generated (Zipf-distributed tokens, the second half of each sequence repeating the first), the
 same global batch at each step for every layout, so the loss curves of all three agree up to rounding.
@@ -81,7 +85,11 @@ def write_profile(profiler, path: Path, device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parallel", choices=["fsdp", "tp", "none"], default="fsdp")
+    parser.add_argument("--parallel", choices=["fsdp", "tp", "2d", "none"], default="fsdp")
+    parser.add_argument("--tp-size", type=int, default=2, help="--parallel 2d: ranks per tensor-parallel group")
+    parser.add_argument("--vocab-parallel", action="store_true", help="tp, 2d: split embedding and LM head too")
+    parser.add_argument("--param-dtype", choices=["bf16"], help="fsdp, 2d: FSDP2 mixed precision")
+    parser.add_argument("--loss-chunk-size", type=int, help="tokens per chunk of the LM head and loss")
     parser.add_argument("--recipe", help="a recipe name in recipes/ or a YAML path (default: a tiny hybrid)")
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per process)")
     parser.add_argument("--steps", type=int, default=20)
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: none)")
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast (parameters stay float32)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block (after sharding)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (after sharding; any layout)")
     parser.add_argument("--timing-warmup", type=int, default=3, help="first steps left out of the timing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--decode", type=int, default=16, help="greedy tokens decoded before training (0: none)")
@@ -105,12 +113,19 @@ def main(argv: list[str] | None = None) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.parallel == "none" and world != 1:
         parser.error("--parallel none runs one process: torchrun --nproc_per_node 1")
-    if args.parallel == "fsdp" and args.batch % world:
-        parser.error(f"--batch {args.batch} must be divisible by the {world} processes")
+    if args.parallel == "2d" and world % args.tp_size:
+        parser.error(f"--tp-size {args.tp_size} must divide the {world} processes")
+    dp_size = {"fsdp": world, "2d": world // args.tp_size}.get(args.parallel, 1)
+    if args.batch % dp_size:
+        parser.error(f"--batch {args.batch} must be divisible by the {dp_size} data-parallel ranks")
+    if args.vocab_parallel and args.parallel not in ("tp", "2d"):
+        parser.error("--vocab-parallel needs --parallel tp or 2d")
+    if args.param_dtype and args.parallel not in ("fsdp", "2d"):
+        parser.error("--param-dtype needs --parallel fsdp or 2d (FSDP2 mixed precision)")
+    if args.param_dtype and args.decode:  # init_state takes the sharded float32 weights' dtype, the layers run bf16
+        parser.error("--param-dtype: decoding the mixed-precision model is not supported; pass --decode 0")
     if args.profile and args.steps < args.timing_warmup + 4:
         parser.error(f"--profile needs --steps >= {args.timing_warmup + 4} (timing warmup, 1 warmup, 3 profiled)")
-    if args.compile and args.parallel == "tp":  # AOTAutograd recurses past Python's limit tracing the DTensor graph
-        parser.error("--compile works with --parallel fsdp or none; tensor-parallel blocks run eagerly")
     device = torch.device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -123,12 +138,20 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)  # every rank builds the same model
     model = ssmblocks.build(recipe, device=device)
     model.gradient_checkpointing = args.gradient_checkpointing
+    model.loss_chunk_size = args.loss_chunk_size
     n_params = model.num_parameters()
+    dp_rank, dp_group = 0, None
     if args.parallel != "none":
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(device.type, (world,))
-        (fully_shard_blocks if args.parallel == "fsdp" else tensor_parallel)(model, mesh)
+        tp_size = {"fsdp": 1, "tp": world}.get(args.parallel, args.tp_size)
+        mesh = init_device_mesh(device.type, (world // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
+        if args.parallel != "fsdp":
+            tensor_parallel(model, mesh["tp"], vocab_parallel=args.vocab_parallel)
+        if args.parallel != "tp":
+            param_dtype = torch.bfloat16 if args.param_dtype == "bf16" else None
+            fully_shard_blocks(model, mesh["dp"], param_dtype=param_dtype)
+            dp_rank, dp_group = mesh["dp"].get_local_rank(), mesh["dp"].get_group()
     if args.compile:  # per block: the blocks of one kind share their compiled code
         for block in model.layers:
             block.compile()
@@ -157,8 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     with profiling as profiler:
         for step in range(args.steps):
             ids = repeated_halves(step, args.batch, args.seqlen, recipe.vocab_size, args.seed).to(device)
-            if args.parallel == "fsdp":
-                ids = ids.chunk(world)[rank]
+            if dp_group is not None:
+                ids = ids.chunk(dp_size)[dp_rank]
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
                 loss = model(ids, labels=ids).loss
@@ -169,9 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             loss = loss.detach()
-            if args.parallel == "fsdp":  # equal shares: the mean of the ranks' losses is the global batch's
-                dist.all_reduce(loss)
-                loss /= world
+            if dp_group is not None:  # equal shares: the mean of the ranks' losses is the global batch's
+                dist.all_reduce(loss, group=dp_group)
+                loss /= dp_size
             losses.append(loss.item())  # a host read: the step is finished
             step_times.append(time.perf_counter() - start)
             if rank == 0:
@@ -185,6 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
         "recipe": recipe.name,
         "parameters": n_params,
         "parallel": args.parallel,
+        "vocab_parallel": args.vocab_parallel,
+        "param_dtype": args.param_dtype,
+        "loss_chunk_size": args.loss_chunk_size,
         "processes": world,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": args.batch,

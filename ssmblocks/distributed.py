@@ -1,8 +1,10 @@
 """Scaling out with PyTorch's own engine (launch with torchrun; gloo on CPU, nccl on GPUs).
 
-- ``fully_shard_blocks``: FSDP2, data parallel with sharded parameters.
+- ``fully_shard_blocks``: FSDP2, data parallel with sharded parameters, optionally in bf16 mixed precision.
 - ``tensor_parallel``: Megatron-style tensor parallelism with DTensor: every mixer and MLP is split by heads
   (channels for Mamba1) across the ranks of a 1-D mesh; one all-reduce per mixer and per MLP in forward.
+  ``vocab_parallel=True`` splits the embedding and LM head by vocabulary rows too, with a cross-entropy that
+  never forms whole logits.
 - ``full_state_dict``: gather a tensor-parallel model's tensors back to full, checkpoint-ordered ones.
 """
 
@@ -12,29 +14,62 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.nn.functional import all_reduce
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from .layers import SSD, Attention, CausalConv1d, GatedRMSNorm, SelectiveSSM, SwiGLU
 from .layers._local import local
+from .layers.lm_head import LMHead
+from .losses import IGNORE
+from .ops import linear
 
 
-def fully_shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
+def fully_shard_blocks(model: nn.Module, mesh=None, param_dtype: torch.dtype | None = None) -> nn.Module:
     """FSDP2: shard every block of a CausalLM (one all-gather per block in forward and backward), then the
     rest (embedding, final norm, LM head). ``mesh``: a 1-D DeviceMesh, or None for the default process group.
     Gradients are averaged over ranks, as data parallelism over the ranks' batches expects. Returns the
-    model, changed in place."""
-    from torch.distributed.fsdp import fully_shard
+    model, changed in place.
 
+    ``param_dtype`` (torch.bfloat16, say): mixed precision. Parameters are all-gathered and compute in it,
+    gradients are reduce-scattered in float32, the sharded parameters (and so the optimizer) stay float32:
+    the forward is that of ``model.to(param_dtype)`` (the residual stream float32 if ``residual_in_fp32``).
+    FSDP2 casts every parameter of a group, so the SSM layers' float32 ones (``_keep_float32``: A_log, D,
+    dt_bias; a few floats per head or channel) are left out of FSDP: kept whole and float32 on every rank,
+    their gradients averaged over the ranks by an all-reduce as each is accumulated."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # the model casts for itself: the blocks take the residual stream in float32 if the recipe says so
+    policy = MixedPrecisionPolicy(param_dtype, torch.float32 if param_dtype else None, cast_forward_inputs=False)
+    kept = set()
+    if param_dtype is not None:
+        kept = {getattr(m, name) for m in model.modules() for name in getattr(m, "_keep_float32", ())}
+        average = _AverageGradient(dist.group.WORLD if mesh is None else mesh.get_group())
+        for param in kept:
+            param.register_post_accumulate_grad_hook(average)
     for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=kept)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=kept)
     return model
 
 
-def tensor_parallel(model: nn.Module, mesh) -> nn.Module:
+class _AverageGradient:
+    """Post-accumulate-grad hook: the parameter's gradient becomes its mean over the ranks of ``group``."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, param: torch.Tensor) -> None:
+        grad = local(param.grad)
+        dist.all_reduce(grad, group=self.group)
+        grad /= dist.get_world_size(self.group)
+
+
+def tensor_parallel(model: nn.Module, mesh, vocab_parallel: bool = False) -> nn.Module:
     """Split every Attention, SwiGLU, SSD and SelectiveSSM of ``model`` across the ranks of the 1-D
-    DeviceMesh ``mesh`` (size t); everything else (embedding, norms, LM head) stays replicated.
+    DeviceMesh ``mesh`` (size t); the norms stay replicated, and so do the embedding and LM head unless
+    ``vocab_parallel`` (a CausalLM; t must divide its padded vocabulary): then each rank holds V/t rows of
+    both (``VocabParallelEmbedding``, ``VocabParallelLMHead``; tied embeddings stay tied), and the loss is
+    a vocabulary-parallel cross-entropy, with ``model.loss_chunk_size`` or without.
 
     Every rank runs the whole batch. Input projections are split by output rows (heads), output projections
     by input columns, followed by one all-reduce, so each layer's output is whole on every rank:
@@ -59,6 +94,8 @@ def tensor_parallel(model: nn.Module, mesh) -> nn.Module:
     layers = [(name, m) for name, m in model.named_modules() if type(m) in _PLANS]
     for name, module in layers:  # check every layer before changing any
         _check_splittable(name or type(module).__name__, module, t)
+    if vocab_parallel:
+        _check_vocab_splittable(model, t)
     orders = {}
     for name, module in layers:
         prefix = f"{name}." if name else ""
@@ -66,6 +103,8 @@ def tensor_parallel(model: nn.Module, mesh) -> nn.Module:
             orders[prefix + param] = order
         module.tp_size = t
     model._tp_row_orders = orders
+    if vocab_parallel:
+        _split_vocabulary(model, mesh)
     return model
 
 
@@ -109,6 +148,24 @@ def _check_splittable(name: str, module: nn.Module, t: int) -> None:
             )
         if module.n_groups % t:
             need(module.d_state, "d_state", f" (n_groups={module.n_groups} < ranks: B and C are split by state)")
+
+
+def _check_vocab_splittable(model: nn.Module, t: int) -> None:
+    if not isinstance(getattr(model, "lm_head", None), LMHead) or not isinstance(model.embedding, nn.Embedding):
+        raise TypeError(f"tensor_parallel: vocab_parallel needs a CausalLM, got {type(model).__name__}")
+    rows = model.embedding.num_embeddings
+    if rows % t:
+        raise ValueError(
+            f"tensor_parallel: vocab_parallel: the padded vocabulary ({rows} rows) is not divisible by {t} ranks; "
+            "set the recipe's pad_vocab_size_multiple to a multiple of the ranks"
+        )
+
+
+def _split_vocabulary(model: nn.Module, mesh) -> None:
+    """Embedding and LM head split by vocabulary rows; a tied weight stays one (sharded) parameter."""
+    tied = model.lm_head.weight is model.embedding.weight
+    model.embedding = VocabParallelEmbedding(model.embedding, mesh)
+    model.lm_head = VocabParallelLMHead(model.lm_head, mesh, model.embedding.weight if tied else None)
 
 
 def _shard_rows(module: nn.Module, name: str, mesh, order: torch.Tensor | None = None) -> None:
@@ -266,6 +323,72 @@ class GroupSpanningGatedRMSNorm(GatedRMSNorm):
         sums = all_reduce(sums, group=self.group)[..., self.rank_group : self.rank_group + 1]
         y = v * torch.rsqrt(sums / self.group_size + self.eps) * local(self.weight).to(wd)
         return (y * gate if self.norm_before_gate else y).to(x.dtype)
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """The embedding split by vocabulary rows: rank r holds rows [r V/t, (r+1) V/t) of the (padded) V, as a
+    DTensor. Each rank looks up the ids it holds, zeros for the others, and one all-reduce sums the ranks'
+    rows. ids (b, l) -> (b, l, d), whole on every rank. Takes over the weight of ``embedding``."""
+
+    def __init__(self, embedding: nn.Embedding, mesh):
+        super().__init__(embedding.num_embeddings, embedding.embedding_dim, device="meta")
+        weight = embedding.weight
+        self.weight = nn.Parameter(distribute_tensor(weight.data, mesh, [Shard(0)]), weight.requires_grad)
+        self.mesh, self.rows = mesh, embedding.num_embeddings // mesh.size()
+        self.first = mesh.get_local_rank() * self.rows
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids - self.first
+        elsewhere = (ids < 0) | (ids >= self.rows)
+        rows = nn.functional.embedding(ids.masked_fill(elsewhere, 0), local(self.weight))
+        return _sum_over_ranks(rows.masked_fill(elsewhere[..., None], 0), self.mesh)
+
+
+class VocabParallelLMHead(LMHead):
+    """The LM head split by vocabulary rows like ``VocabParallelEmbedding`` (and sharing its weight when
+    ``tied_weight`` is given). ``forward`` gathers whole logits (decode); ``cross_entropy_sum`` computes the
+    loss from the rank's logits (c, V/t) with three all-reduces of (c,) floats: the max, the sum of exp and
+    the target's logit (from the rank that holds it). Takes over the weight of ``head``."""
+
+    loss_from_logits = False
+
+    def __init__(self, head: LMHead, mesh, tied_weight: nn.Parameter | None = None):
+        super().__init__(head.in_features, head.out_features, head.vocab_size, device="meta")
+        if tied_weight is None:
+            tied_weight = nn.Parameter(distribute_tensor(head.weight.data, mesh, [Shard(0)]), head.weight.requires_grad)
+        self.weight = tied_weight
+        self.mesh, self.rows = mesh, head.out_features // mesh.size()
+        self.first = mesh.get_local_rank() * self.rows
+
+    def shard_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., d), whole on every rank -> the rank's logits (..., V/t); in backward the gradient of
+        hidden is summed over the ranks."""
+        return linear(_SumGradient.apply(hidden, self.mesh.get_group()), local(self.weight))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., d) -> logits (..., V), gathered from every rank."""
+        shard = self.shard_logits(hidden)
+        return DTensor.from_local(shard, self.mesh, [Shard(shard.dim() - 1)]).full_tensor()
+
+    def cross_entropy_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of float32 logits over the whole vocabulary: hidden (c, d), targets (c,) token
+        ids or -100 (ignored); the padding rows are left out of the softmax."""
+        logits = self.shard_logits(hidden).float()
+        tokens = self.first + torch.arange(self.rows, device=logits.device)
+        logits = logits.masked_fill(tokens >= self.vocab_size, -torch.inf)
+        peak = _sum_over_ranks(logits.detach().amax(-1), self.mesh, "max")  # (c,)
+        sum_exp = _sum_over_ranks((logits - peak[:, None]).exp().sum(-1), self.mesh)
+        column = targets - self.first
+        mine = (column >= 0) & (column < self.rows)  # never for -100
+        target_logit = logits.gather(-1, column.clamp(0, self.rows - 1)[:, None])[:, 0].masked_fill(~mine, 0)
+        losses = sum_exp.log() + peak - _sum_over_ranks(target_logit, self.mesh)
+        return losses.masked_fill(targets == IGNORE, 0).sum()
+
+
+def _sum_over_ranks(x: torch.Tensor, mesh, op: str = "sum") -> torch.Tensor:
+    """All-reduce of the ranks' ``x`` (sum, or "max"); in backward each rank's gradient passes unchanged, as
+    whatever follows runs whole on every rank."""
+    return DTensor.from_local(x, mesh, [Partial(op)]).full_tensor()
 
 
 _PLANS = {Attention: _attention, SwiGLU: _swiglu, SelectiveSSM: _selective_ssm, SSD: _ssd}

@@ -54,5 +54,6 @@ def test_fsdp_and_tensor_parallel_follow_one_process(tmp_path):
 
 
 def test_refuses_what_it_cannot_run(tmp_path):
-    assert "--compile works with --parallel fsdp or none" in torchrun(tmp_path, 1, "tp", "--compile", fails=True)
+    assert "--vocab-parallel needs --parallel tp or 2d" in torchrun(tmp_path, 1, "fsdp", "--vocab-parallel", fails=True)
+    assert "pass --decode 0" in torchrun(tmp_path, 1, "fsdp", "--param-dtype", "bf16", fails=True)
     assert "--profile needs --steps >= 7" in torchrun(tmp_path, 1, "none", "--profile", "p.txt", fails=True)
