@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 _SOURCES = Path(__file__).with_name("cpp")
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a parameter of a tensor subclass has the subclass's type
 _FLOATS = (torch.float32, torch.float64)
+_BUILDING = "ssmblocks: building the C++ CPU kernels (first use or changed sources, about 1-2 min)..."
 SMALL_BATCH_ROWS = range(2, 17)  # rows (batch x tokens) for which small_batch_linear beats MKL's sgemm
 
 
@@ -47,14 +50,20 @@ def library():
         sources = sorted(str(p) for p in _SOURCES.glob("*.cpp"))
         if not sources:
             raise FileNotFoundError(f"no C++ sources in {_SOURCES}")
-        load(
-            name="ssmblocks_cpu",
-            sources=sources,
-            extra_include_paths=[str(_SOURCES)],
-            extra_cflags=["-O3", "-Wno-psabi", *openmp],
-            extra_ldflags=openmp,
-            is_python_module=False,
-        )
+        # Loading a built library takes well under a second; a load still running after 3 s is building.
+        notice = threading.Timer(3.0, print, [_BUILDING], {"file": sys.stderr, "flush": True})
+        notice.start()
+        try:
+            load(
+                name="ssmblocks_cpu",
+                sources=sources,
+                extra_include_paths=[str(_SOURCES)],
+                extra_cflags=["-O3", "-Wno-psabi", *openmp],
+                extra_ldflags=openmp,
+                is_python_module=False,
+            )
+        finally:
+            notice.cancel()
     except Exception as exc:  # no compiler, no ninja, a failed build: the torch paths still work
         warnings.warn(
             f"ssmblocks: the C++ CPU kernels could not be built ({type(exc).__name__}: {exc}); "
