@@ -332,8 +332,8 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def __init__(self, embedding: nn.Embedding, mesh):
         super().__init__(embedding.num_embeddings, embedding.embedding_dim, device="meta")
-        weight = embedding.weight
-        self.weight = nn.Parameter(distribute_tensor(weight.data, mesh, [Shard(0)]), weight.requires_grad)
+        self.weight = embedding.weight
+        _shard_rows(self, "weight", mesh)
         self.mesh, self.rows = mesh, embedding.num_embeddings // mesh.size()
         self.first = mesh.get_local_rank() * self.rows
 
@@ -354,9 +354,9 @@ class VocabParallelLMHead(LMHead):
 
     def __init__(self, head: LMHead, mesh, tied_weight: nn.Parameter | None = None):
         super().__init__(head.in_features, head.out_features, head.vocab_size, device="meta")
+        self.weight = head.weight if tied_weight is None else tied_weight
         if tied_weight is None:
-            tied_weight = nn.Parameter(distribute_tensor(head.weight.data, mesh, [Shard(0)]), head.weight.requires_grad)
-        self.weight = tied_weight
+            _shard_rows(self, "weight", mesh)
         self.mesh, self.rows = mesh, head.out_features // mesh.size()
         self.first = mesh.get_local_rank() * self.rows
 

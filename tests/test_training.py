@@ -65,12 +65,18 @@ def test_bf16_autocast_trains_with_ssm_parameters_and_norms_in_float32():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
 
 
-def test_clip_grad_norm_matches_torch_on_a_plain_model():
-    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+def twin_models_with_gradients(seed: int):
+    """Two hybrids with the same weights and the same gradients of one batch's loss."""
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(seed))
     ours, theirs = hybrid(), hybrid()
     theirs.load_state_dict(ours.state_dict())
     for model in (ours, theirs):
         model(ids, labels=ids).loss.backward()
+    return ours, theirs
+
+
+def test_clip_grad_norm_matches_torch_on_a_plain_model():
+    ours, theirs = twin_models_with_gradients(3)
     total = clip_grad_norm_(ours.parameters(), 0.5)
     expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5)
     assert_close(total, expected, 1e-6)
@@ -82,11 +88,7 @@ def test_clip_grad_norm_matches_torch_on_a_plain_model():
 
 
 def test_clip_grad_norm_takes_a_module_as_its_parameters():
-    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
-    ours, theirs = hybrid(), hybrid()
-    theirs.load_state_dict(ours.state_dict())
-    for model in (ours, theirs):
-        model(ids, labels=ids).loss.backward()
+    ours, theirs = twin_models_with_gradients(4)
     assert_close(clip_grad_norm_(ours, 0.5), clip_grad_norm_(theirs.parameters(), 0.5), 1e-6)
     for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
         assert_close(p.grad, q.grad, 1e-6)
