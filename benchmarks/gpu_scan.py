@@ -169,37 +169,39 @@ def bench_shape(label, b, l, e, n, mamba_fn, with_torch):
 
 
 def sweep(b, l, e, n):
-    """Time the chunk and tile settings (module constants of ssmblocks.kernels.selective_scan) on one shape."""
+    """Time chunk sizes and (channels, warps) per program of the forward and the backward on one shape (module
+    constants of ssmblocks.kernels.selective_scan; a tile is chunk x channels x 16 state components)."""
     kw = make_inputs(b, l, e, n, torch.bfloat16, init=False)
     leaves = [v for v in kw.values() if v is not None]
     args = [kw[k] for k in ("x", "dt", "A", "B", "C", "D", "z")]
-    defaults = {k: getattr(kernels, k) for k in ("_FWD_TILE", "_FWD_WARPS", "_BWD_TILE", "_BWD_WARPS")}
+    names = ("_FWD_TILE", "_FWD_WARPS", "_BWD_TILE", "_BWD_WARPS")
+    defaults = {k: getattr(kernels, k) for k in names}
     results = []
-    for chunk, fwd_tile, fwd_warps, bwd_tile, bwd_warps in itertools.product(
-        (8, 16, 32), (2048, 4096, 8192), (4, 8), (2048, 4096), (4, 8)
+    for chunk, (fwd_e, fwd_w), (bwd_e, bwd_w) in itertools.product(
+        (4, 8, 16), ((8, 1), (32, 1), (64, 2), (128, 4)), ((8, 1), (16, 1), (32, 1), (64, 2))
     ):
-        if (fwd_tile, fwd_warps) != (4096, 4) and (bwd_tile, bwd_warps) != (4096, 8):
-            continue  # one side at a time around the defaults
-        kernels._FWD_TILE, kernels._FWD_WARPS, kernels._BWD_TILE, kernels._BWD_WARPS = (
-            fwd_tile, fwd_warps, bwd_tile, bwd_warps,
-        )  # fmt: skip
+        if (fwd_e, fwd_w) != (32, 1) and (bwd_e, bwd_w) != (8, 1):
+            continue  # one side at a time
+        setting = (chunk * fwd_e * 16, fwd_w, chunk * bwd_e * 16, bwd_w)
+        for k, v in zip(names, setting, strict=True):
+            setattr(kernels, k, v)
 
         def fn(chunk=chunk):
-            return selective_scan_triton(*args, dt_bias=kw["dt_bias"], dt_softplus=True, chunk_size=chunk)[0]
+            return kernels.selective_scan_triton(*args, dt_bias=kw["dt_bias"], dt_softplus=True, chunk_size=chunk)[0]
 
         try:
             tf, tb, _, _ = time_impl(fn, torch.randn_like(kw["x"]), leaves)
-        except Exception as error:  # an out-of-resources config: report and go on
-            say(f"  sweep c{chunk} fwd {fwd_tile}/{fwd_warps}w bwd {bwd_tile}/{bwd_warps}w failed: {error}")
+        except Exception as error:  # a setting the compiler refuses is reported, not fatal
+            say(f"  sweep c{chunk} fwd e{fwd_e}/{fwd_w}w bwd e{bwd_e}/{bwd_w}w failed: {error}")
             continue
-        results.append((tb, tf, chunk, fwd_tile, fwd_warps, bwd_tile, bwd_warps))
-        say(f"  sweep c{chunk:<3d} fwd tile {fwd_tile:5d} {fwd_warps}w  bwd tile {bwd_tile:5d} {bwd_warps}w  "
+        results.append((tb, tf, chunk, fwd_e, fwd_w, bwd_e, bwd_w))
+        say(f"  sweep c{chunk:<3d} fwd e{fwd_e:<3d} {fwd_w}w  bwd e{bwd_e:<3d} {bwd_w}w  "
             f"fwd {tf:7.3f} ms  fwd+bwd {tb:7.3f} ms")  # fmt: skip
     for k, v in defaults.items():
         setattr(kernels, k, v)
-    best = min(results)
-    say(f"  best fwd+bwd {best[0]:.3f} ms (fwd {best[1]:.3f}): chunk {best[2]}, fwd tile {best[3]} {best[4]} warps, "
-        f"bwd tile {best[5]} {best[6]} warps")  # fmt: skip
+    best_fwd, best = min(results, key=lambda r: r[1]), min(results)
+    say(f"  best fwd {best_fwd[1]:.3f} ms: chunk {best_fwd[2]}, e{best_fwd[3]} {best_fwd[4]} warps")
+    say(f"  best fwd+bwd {best[0]:.3f} ms: chunk {best[2]}, fwd e{best[3]} {best[4]}w, bwd e{best[5]} {best[6]}w")
 
 
 def load_mamba(peers):

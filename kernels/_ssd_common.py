@@ -9,6 +9,8 @@ The reference for the dt preprocessing is ``ssmblocks.kernels.ssd.prepare_dt_ref
 import triton
 import triton.language as tl
 
+from ._math import softplus
+
 
 @triton.jit
 def chunk_tokens(chunk_table, cu_seqlens, k, seq_len, chunks_per_seq, CHUNK: tl.constexpr, VARLEN: tl.constexpr):
@@ -46,7 +48,7 @@ def chunk_dt(dt, dt_bias, head, heads, tok, mask, dt_min, dt_max, HAS_BIAS: tl.c
     if HAS_BIAS:
         raw += tl.load(dt_bias + head).to(tl.float32)
     if SOFTPLUS:
-        val = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))
+        val = softplus(raw)
         slope = tl.sigmoid(raw)
     else:
         val = raw

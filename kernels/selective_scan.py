@@ -17,7 +17,7 @@ from .selective_scan_bwd import selective_scan_bwd_kernel
 from .selective_scan_fwd import selective_scan_fwd_kernel
 from .selective_scan_step import selective_scan_step_kernel
 
-CHUNK_SIZES = (8, 16, 32, 64)
+CHUNK_SIZES = (4, 8, 16, 32, 64)
 DEFAULT_CHUNK_SIZE = 8
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (c, e, n) tile elements per program, and warps, for the forward and the backward: one warp a program, 8

@@ -3,7 +3,8 @@
 Each chunk recomputes its states h_t from the stored chunk start state (the forward's scan), then the state
 gradient g_t = dL/dh_t from the reverse recurrence g_t = a_{t+1} g_{t+1} + dy_t C_t (a second associative scan,
 reversed), carrying dL/d(chunk start state) to the chunk before. With a_t h_{t-1} = h_t - u_t no division is
-needed. Reference: the gradients of ``ssmblocks.ops.selective_scan.selective_scan_ref``.
+needed. Tiles are (c, n, e) as in the forward.
+Reference: the gradients of ``ssmblocks.ops.selective_scan.selective_scan_ref``.
 Shapes: x, dt, z, dy, dx, ddt, dz: (b, l, e); A: (e, n); B, C, dB, dC (float32, accumulated): (b, l, n);
 states: (b, k, e, n); dfinal, dinit: (b, e, n); dA_part: (b, e, n), dD_part, dbias_part: (b, e) per sequence.
 """
@@ -11,6 +12,7 @@ states: (b, k, e, n); dfinal, dinit: (b, e, n); dA_part: (b, e, n), dD_part, dbi
 import triton
 import triton.language as tl
 
+from ._math import LOG2E
 from .selective_scan_fwd import first_order_combine, load_dt
 
 
@@ -54,9 +56,10 @@ def selective_scan_bwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, CHUNK)
     mask_e, mask_n = offs_e < width, offs_n < d_state
-    mask_en = mask_e[:, None] & mask_n[None, :]
-    en = offs_e[:, None] * d_state + offs_n[None, :]
-    a_en = tl.load(A + en, mask=mask_en, other=0.0).to(tl.float32)
+    mask_ne = mask_n[:, None] & mask_e[None, :]
+    ne = offs_e[None, :] * d_state + offs_n[:, None]  # (n, e) offsets into an (e, n) tensor
+    a_ne = tl.load(A + ne, mask=mask_ne, other=0.0).to(tl.float32)
+    a_log2 = a_ne * LOG2E
     if HAS_BIAS:
         bias = tl.load(dt_bias + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     else:
@@ -66,13 +69,14 @@ def selective_scan_bwd_kernel(
     else:
         d_skip = tl.zeros((BLOCK_E,), tl.float32)
     if HAS_DFINAL:
-        dstate = tl.load(dfinal + seq * width * d_state + en, mask=mask_en, other=0.0).to(tl.float32)
+        dstate = tl.load(dfinal + seq * width * d_state + ne, mask=mask_ne, other=0.0).to(tl.float32)
     else:
-        dstate = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)  # dL/d(state after the chunk being walked)
-    dA_acc = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
+        dstate = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)  # dL/d(state after the chunk being walked)
+    dA_acc = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)
     dD_acc = tl.zeros((BLOCK_E,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_E,), tl.float32)
     first = (offs_c == 0)[:, None, None]
+    last = (offs_c == CHUNK - 1)[:, None, None]
     n_chunks = tl.cdiv(seq_len, CHUNK)
     for i in range(n_chunks):
         k = n_chunks - 1 - i
@@ -87,44 +91,42 @@ def selective_scan_bwd_kernel(
         x_c = tl.load(x + rows, mask=mask_ce, other=0.0).to(tl.float32)
         b_c = tl.load(B + rows_n, mask=mask_cn, other=0.0).to(tl.float32)
         c_c = tl.load(C + rows_n, mask=mask_cn, other=0.0).to(tl.float32)
-        start = tl.load(states + (seq * n_chunks + k) * width * d_state + en, mask=mask_en, other=0.0)
+        start = tl.load(states + (seq * n_chunks + k) * width * d_state + ne, mask=mask_ne, other=0.0)
 
-        decay = tl.exp(dt_c[:, :, None] * a_en[None, :, :])  # (c, e, n)
-        u = (dt_c * x_c)[:, :, None] * b_c[:, None, :]
-        decay_cum, h = tl.associative_scan((decay, u), 0, first_order_combine)
-        h += decay_cum * start[None, :, :]
+        decay = tl.exp2(dt_c[:, None, :] * a_log2[None, :, :])  # (c, n, e)
+        u = (dt_c * x_c)[:, None, :] * b_c[:, :, None]
+        h_decayed = tl.where(first, decay * start[None, :, :], 0.0)  # a_t h_{t-1}, so far for t = 1
+        _, h = tl.associative_scan((decay, u + h_decayed), 0, first_order_combine)
+        h_decayed = h - u
 
         g = tl.load(dy + rows, mask=mask_ce, other=0.0).to(tl.float32)  # dL/d(gated output)
         if HAS_Z:
             z_c = tl.load(z + rows, mask=mask_ce, other=0.0).to(tl.float32)
             sig = tl.sigmoid(z_c)
-            out = tl.sum(h * c_c[:, None, :], 2) + x_c * d_skip[None, :]
+            out = tl.sum(h * c_c[:, :, None], 1) + x_c * d_skip[None, :]
             tl.store(dz + rows, (g * out * sig * (1.0 + z_c * (1.0 - sig))).to(dz.dtype.element_ty), mask=mask_ce)
             g *= z_c * sig  # dL/d(ungated output)
 
         # dh_t = dy_t C_t + a_{t+1} dh_{t+1}; a_{t+1} of the chunk's last row is 1 and the carry enters there
         next_ok = (offs_c + 1 < CHUNK)[:, None] & (pos + 1 < seq_len)[:, None] & mask_e[None, :]
         dt_next, _ = load_dt(dt, bias, rows + width, next_ok, HAS_BIAS, SOFTPLUS)
-        decay_next = tl.exp(dt_next[:, :, None] * a_en[None, :, :])
-        carried, dh = tl.associative_scan(
-            (decay_next, g[:, :, None] * c_c[:, None, :]), 0, first_order_combine, reverse=True
-        )
-        dh += carried * dstate[None, :, :]
+        decay_next = tl.exp2(dt_next[:, None, :] * a_log2[None, :, :])
+        g_c = g[:, None, :] * c_c[:, :, None] + tl.where(last, dstate[None, :, :], 0.0)
+        _, dh = tl.associative_scan((decay_next, g_c), 0, first_order_combine, reverse=True)
         dstate = tl.sum(tl.where(first, decay * dh, 0.0), 0)
 
-        h_decayed = h - u  # a_t h_{t-1}
-        ddt_c = tl.sum(dh * (x_c[:, :, None] * b_c[:, None, :] + h_decayed * a_en[None, :, :]), 2)
-        dA_acc += tl.sum(dh * h_decayed * dt_c[:, :, None], 0)
-        dx_c = tl.sum(dh * b_c[:, None, :], 2) * dt_c + g * d_skip[None, :]
+        ddt_c = tl.sum(dh * (x_c[:, None, :] * b_c[:, :, None] + h_decayed * a_ne[None, :, :]), 1)
+        dA_acc += tl.sum(dh * h_decayed * dt_c[:, None, :], 0)
+        dx_c = tl.sum(dh * b_c[:, :, None], 1) * dt_c + g * d_skip[None, :]
         tl.store(dx + rows, dx_c.to(dx.dtype.element_ty), mask=mask_ce)
         ddt_c *= slope
         tl.store(ddt + rows, ddt_c.to(ddt.dtype.element_ty), mask=mask_ce)
         dbias_acc += tl.sum(tl.where(mask_ce, ddt_c, 0.0), 0)
         dD_acc += tl.sum(g * x_c, 0)
-        tl.atomic_add(dB + rows_n, tl.sum(dh * (dt_c * x_c)[:, :, None], 1), mask=mask_cn)
-        tl.atomic_add(dC + rows_n, tl.sum(g[:, :, None] * h, 1), mask=mask_cn)
-    tl.store(dA_part + seq * width * d_state + en, dA_acc, mask=mask_en)
+        tl.atomic_add(dB + rows_n, tl.sum(dh * (dt_c * x_c)[:, None, :], 2), mask=mask_cn, sem="relaxed")
+        tl.atomic_add(dC + rows_n, tl.sum(g[:, None, :] * h, 2), mask=mask_cn, sem="relaxed")
+    tl.store(dA_part + seq * width * d_state + ne, dA_acc, mask=mask_ne)
     tl.store(dD_part + seq * width + offs_e, dD_acc, mask=mask_e)
     tl.store(dbias_part + seq * width + offs_e, dbias_acc, mask=mask_e)
     if HAS_INIT:
-        tl.store(dinit + seq * width * d_state + en, dstate, mask=mask_en)
+        tl.store(dinit + seq * width * d_state + ne, dstate, mask=mask_ne)

@@ -1,7 +1,10 @@
 """Selective scan forward: one program per (sequence, channel block) walks the chunks in order, the state in registers.
 
-Inside a chunk the recurrence h_t = a_t h_{t-1} + u_t (a_t = exp(dt_t A), u_t = dt_t x_t B_t, all (e, n))
-is one associative scan over the (c, e, n) tile; the chunk's start state enters as h_t += (a_1...a_t) h_start.
+Inside a chunk the recurrence h_t = a_t h_{t-1} + u_t (a_t = exp(dt_t A), u_t = dt_t x_t B_t, all (n, e))
+is one associative scan over the (c, n, e) tile, the chunk's start state folded into u_1 (u_1 += a_1 h_start).
+Tiles are (c, n, e) so that the channels lie across the lanes and each thread holds all state components and
+steps of its channels: the scan and the sums over n stay inside a thread, and the (c, e) values (dt, x, z)
+are not replicated across lanes.
 Only the chunk start states (when asked, for the backward) and the final state are written, never a per-step
 state. Reference: ``ssmblocks.ops.selective_scan.selective_scan_ref``; the dt preprocessing that ``load_dt``
 fuses is ``ssmblocks.kernels.selective_scan.prepare_dt_ref``.
@@ -11,6 +14,8 @@ states: (b, k, e, n) for k = ceil(l / c) chunks.
 
 import triton
 import triton.language as tl
+
+from ._math import LOG2E, softplus
 
 
 @triton.jit
@@ -30,7 +35,7 @@ def load_dt(dt, bias, rows, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr
     if HAS_BIAS:
         raw += bias[None, :]
     if SOFTPLUS:
-        val = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))
+        val = softplus(raw)
         slope = tl.sigmoid(raw)
     else:
         val = raw
@@ -71,9 +76,9 @@ def selective_scan_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, CHUNK)
     mask_e, mask_n = offs_e < width, offs_n < d_state
-    mask_en = mask_e[:, None] & mask_n[None, :]
-    en = offs_e[:, None] * d_state + offs_n[None, :]
-    a_en = tl.load(A + en, mask=mask_en, other=0.0).to(tl.float32)  # (e, n)
+    mask_ne = mask_n[:, None] & mask_e[None, :]
+    ne = offs_e[None, :] * d_state + offs_n[:, None]  # (n, e) offsets into an (e, n) tensor
+    a_log2 = tl.load(A + ne, mask=mask_ne, other=0.0).to(tl.float32) * LOG2E  # (n, e): exp(dt A) = exp2(dt A log2 e)
     if HAS_BIAS:
         bias = tl.load(dt_bias + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     else:
@@ -81,14 +86,15 @@ def selective_scan_fwd_kernel(
     if HAS_D:
         d_skip = tl.load(D + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     if HAS_INIT:
-        state = tl.load(init + seq * width * d_state + en, mask=mask_en, other=0.0).to(tl.float32)
+        state = tl.load(init + seq * width * d_state + ne, mask=mask_ne, other=0.0).to(tl.float32)
     else:
-        state = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
+        state = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)
+    first = (offs_c == 0)[:, None, None]
     last = (offs_c == CHUNK - 1)[:, None, None]
     n_chunks = tl.cdiv(seq_len, CHUNK)
     for k in range(n_chunks):
         if STORE_STATES:
-            tl.store(states + (seq * n_chunks + k) * width * d_state + en, state, mask=mask_en)
+            tl.store(states + (seq * n_chunks + k) * width * d_state + ne, state, mask=mask_ne)
         tok = seq * seq_len + k * CHUNK + offs_c
         mask_c = k * CHUNK + offs_c < seq_len
         mask_ce = mask_c[:, None] & mask_e[None, :]
@@ -97,17 +103,17 @@ def selective_scan_fwd_kernel(
         x_c = tl.load(x + rows, mask=mask_ce, other=0.0).to(tl.float32)
         mask_cn = mask_c[:, None] & mask_n[None, :]
         b_c = tl.load(B + tok[:, None] * d_state + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
-        decay = tl.exp(dt_c[:, :, None] * a_en[None, :, :])  # (c, e, n); 1 on padded rows
-        u = (dt_c * x_c)[:, :, None] * b_c[:, None, :]
-        decay_cum, h = tl.associative_scan((decay, u), 0, first_order_combine)
-        h += decay_cum * state[None, :, :]
+        decay = tl.exp2(dt_c[:, None, :] * a_log2[None, :, :])  # (c, n, e); 1 on padded rows
+        u = (dt_c * x_c)[:, None, :] * b_c[:, :, None]
+        u += tl.where(first, decay * state[None, :, :], 0.0)
+        _, h = tl.associative_scan((decay, u), 0, first_order_combine)
         state = tl.sum(tl.where(last, h, 0.0), 0)  # padded rows carry the last real state
         c_c = tl.load(C + tok[:, None] * d_state + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
-        out = tl.sum(h * c_c[:, None, :], 2)  # (c, e)
+        out = tl.sum(h * c_c[:, :, None], 1)  # (c, e)
         if HAS_D:
             out += x_c * d_skip[None, :]
         if HAS_Z:
             z_c = tl.load(z + rows, mask=mask_ce, other=0.0).to(tl.float32)
             out *= z_c * tl.sigmoid(z_c)
         tl.store(y + rows, out.to(y.dtype.element_ty), mask=mask_ce)
-    tl.store(final + seq * width * d_state + en, state, mask=mask_en)
+    tl.store(final + seq * width * d_state + ne, state, mask=mask_ne)

@@ -78,9 +78,9 @@ def ssd_scan_bwd_dx_kernel(
     d_a = tl.cumsum(d_a_cum, 0, reverse=True) + d_a_chunk  # (c,): dL/d(dt_i A)
     ddt_c = (tl.sum(du * x_c, 1) + d_a * a_head) * dt_slope
     tl.store(ddt + tok * heads + head, ddt_c, mask=mask_c)
-    tl.atomic_add(dA + head, tl.sum(d_a * dt_c, 0))
+    tl.atomic_add(dA + head, tl.sum(d_a * dt_c, 0), sem="relaxed")
     if HAS_BIAS:
-        tl.atomic_add(ddt_bias + head, tl.sum(ddt_c, 0))
+        tl.atomic_add(ddt_bias + head, tl.sum(ddt_c, 0), sem="relaxed")
 
     dx_c = du * dt_c[:, None]
     y_pre = y_ssd
@@ -93,7 +93,7 @@ def ssd_scan_bwd_dx_kernel(
             d_skip = tl.load(D + head).to(tl.float32)
             dx_c += g * d_skip
             y_pre += x_c * d_skip
-        tl.atomic_add(dD + head * head_dim + offs_p, tl.sum(g * x_c, 0), mask=offs_p < head_dim)
+        tl.atomic_add(dD + head * head_dim + offs_p, tl.sum(g * x_c, 0), mask=offs_p < head_dim, sem="relaxed")
     tl.store(dx + rows, dx_c.to(dx.dtype.element_ty), mask=mask_cp)
     if HAS_Z:
         dz_c = dy_c * y_pre * z_gate * (1.0 + z_c * (1.0 - z_gate))

@@ -93,7 +93,7 @@ def ssd_state_bwd_kernel(
         at = k * hpn + head * head_dim * d_state + pn
         tl.store(dstates + at, dstate.to(dstates.dtype.element_ty), mask=mask_pn)
         state = tl.load(states + at, mask=mask_pn, other=0.0).to(tl.float32)
-        tl.atomic_add(d_a_end + k * heads + head, tl.sum(tl.sum(dstate * state, 1), 0) * tl.exp(a_end))
+        tl.atomic_add(d_a_end + k * heads + head, tl.sum(tl.sum(dstate * state, 1), 0) * tl.exp(a_end), sem="relaxed")
         mask_cp = mask_c[:, None] & (offs_p[None, :] < head_dim)
         rows = tok[:, None] * heads * head_dim + head * head_dim + offs_p[None, :]
         g = tl.load(dy + rows, mask=mask_cp, other=0.0).to(tl.float32)
