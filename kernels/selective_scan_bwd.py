@@ -1,9 +1,9 @@
 """Selective scan backward: one program per (sequence, channel block) walks the chunks backwards.
 
 Each chunk recomputes its states h_t from the stored chunk start state (the forward's scan), then the state
-gradient g_t = dL/dh_t from the reverse recurrence g_t = a_{t+1} g_{t+1} + dy_t C_t (a second associative scan,
-reversed), carrying dL/d(chunk start state) to the chunk before. With a_t h_{t-1} = h_t - u_t no division is
-needed. Tiles are (c, n, e) as in the forward.
+gradient g_t = dL/dh_t from the reverse recurrence g_t = a_{t+1} g_{t+1} + dy_t C_t (a second associative
+scan, over the flipped rows), carrying dL/d(chunk start state) to the chunk before. With a_t h_{t-1} = h_t - u_t
+no division is needed. Tiles are (c, n, e) as in the forward.
 Reference: the gradients of ``ssmblocks.ops.selective_scan.selective_scan_ref``.
 Shapes: x, dt, z, dy, dx, ddt, dz: (b, l, e); A: (e, n); B, C, dB, dC (float32, accumulated): (b, l, n);
 states: (b, k, e, n); dfinal, dinit: (b, e, n); dA_part: (b, e, n), dD_part, dbias_part: (b, e) per sequence.
@@ -112,7 +112,9 @@ def selective_scan_bwd_kernel(
         dt_next, _ = load_dt(dt, bias, rows + width, next_ok, HAS_BIAS, SOFTPLUS)
         decay_next = tl.exp2(dt_next[:, None, :] * a_log2[None, :, :])
         g_c = g[:, None, :] * c_c[:, :, None] + tl.where(last, dstate[None, :, :], 0.0)
-        _, dh = tl.associative_scan((decay_next, g_c), 0, first_order_combine, reverse=True)
+        # a forward scan of the flipped rows: Triton's reverse scan moves every element across lanes
+        _, dh = tl.associative_scan((tl.flip(decay_next, 0), tl.flip(g_c, 0)), 0, first_order_combine)
+        dh = tl.flip(dh, 0)
         dstate = tl.sum(tl.where(first, decay * dh, 0.0), 0)
 
         ddt_c = tl.sum(dh * (x_c[:, None, :] * b_c[:, :, None] + h_decayed * a_ne[None, :, :]), 1)
