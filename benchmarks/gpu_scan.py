@@ -13,7 +13,6 @@ settings on the first shape. The log goes to DIR/gpu_scan.log.
 """
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -169,20 +168,18 @@ def bench_shape(label, b, l, e, n, mamba_fn, with_torch):
 
 
 def sweep(b, l, e, n):
-    """Time chunk sizes and (channels, warps) per program of the forward and the backward on one shape (module
-    constants of ssmblocks.kernels.selective_scan; a tile is chunk x channels x 16 state components)."""
+    """Time the kernels' settings (module constants of ssmblocks.kernels.selective_scan) on one shape, one side
+    at a time around the defaults: forward steps per iteration and channels per program; backward chunk (the
+    chunk_size argument) and channels per program."""
     kw = make_inputs(b, l, e, n, torch.bfloat16, init=False)
     leaves = [v for v in kw.values() if v is not None]
     args = [kw[k] for k in ("x", "dt", "A", "B", "C", "D", "z")]
-    names = ("_FWD_TILE", "_FWD_WARPS", "_BWD_TILE", "_BWD_WARPS")
+    names = ("_FWD_CHUNK", "_FWD_CHANNELS", "_BWD_CHANNELS")
     defaults = {k: getattr(kernels, k) for k in names}
+    settings = [(8, fc, fe, defaults["_BWD_CHANNELS"]) for fc, fe in ((8, 8), (16, 4), (16, 8), (16, 16), (32, 8))]
+    settings += [(c, defaults["_FWD_CHUNK"], defaults["_FWD_CHANNELS"], be) for c in (4, 8, 16) for be in (2, 4, 8)]
     results = []
-    for chunk, (fwd_e, fwd_w), (bwd_e, bwd_w) in itertools.product(
-        (4, 8, 16), ((8, 1), (32, 1), (64, 2), (128, 4)), ((8, 1), (16, 1), (32, 1), (64, 2))
-    ):
-        if (fwd_e, fwd_w) != (32, 1) and (bwd_e, bwd_w) != (8, 1):
-            continue  # one side at a time
-        setting = (chunk * fwd_e * 16, fwd_w, chunk * bwd_e * 16, bwd_w)
+    for chunk, *setting in settings:
         for k, v in zip(names, setting, strict=True):
             setattr(kernels, k, v)
 
@@ -192,16 +189,16 @@ def sweep(b, l, e, n):
         try:
             tf, tb, _, _ = time_impl(fn, torch.randn_like(kw["x"]), leaves)
         except Exception as error:  # a setting the compiler refuses is reported, not fatal
-            say(f"  sweep c{chunk} fwd e{fwd_e}/{fwd_w}w bwd e{bwd_e}/{bwd_w}w failed: {error}")
+            say(f"  sweep chunk {chunk} {dict(zip(names, setting, strict=True))} failed: {error}")
             continue
-        results.append((tb, tf, chunk, fwd_e, fwd_w, bwd_e, bwd_w))
-        say(f"  sweep c{chunk:<3d} fwd e{fwd_e:<3d} {fwd_w}w  bwd e{bwd_e:<3d} {bwd_w}w  "
-            f"fwd {tf:7.3f} ms  fwd+bwd {tb:7.3f} ms")  # fmt: skip
+        results.append((tb, tf, chunk, *setting))
+        say(f"  sweep chunk {chunk:<3d} fwd {setting[0]:3d} steps x {setting[1]:2d} channels  bwd {setting[2]:2d} "
+            f"channels  fwd {tf:7.3f} ms  fwd+bwd {tb:7.3f} ms")  # fmt: skip
     for k, v in defaults.items():
         setattr(kernels, k, v)
     best_fwd, best = min(results, key=lambda r: r[1]), min(results)
-    say(f"  best fwd {best_fwd[1]:.3f} ms: chunk {best_fwd[2]}, e{best_fwd[3]} {best_fwd[4]} warps")
-    say(f"  best fwd+bwd {best[0]:.3f} ms: chunk {best[2]}, fwd e{best[3]} {best[4]}w, bwd e{best[5]} {best[6]}w")
+    say(f"  best fwd {best_fwd[1]:.3f} ms: {best_fwd[3]} steps x {best_fwd[4]} channels")
+    say(f"  best fwd+bwd {best[0]:.3f} ms: chunk {best[2]}, fwd {best[3]} x {best[4]}, bwd {best[5]} channels")
 
 
 def load_mamba(peers):

@@ -20,11 +20,11 @@ from .selective_scan_step import selective_scan_step_kernel
 CHUNK_SIZES = (4, 8, 16, 32, 64)
 DEFAULT_CHUNK_SIZE = 8
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# (c, e, n) tile elements per program, and warps, for the forward and the backward: one warp a program, 8
-# channels of 16 states by 8 steps (H200, B8 L2048 E1536 N16 bf16: fwd+bwd 6.2 ms, against 11.7 ms for
-# 4096-element tiles on 4 and 8 warps; docs/benchmarks.md)
-_FWD_TILE, _FWD_WARPS = 1024, 1
-_BWD_TILE, _BWD_WARPS = 1024, 1
+# Per program, one warp: the forward walks 16 steps at a time over 8 channels, fewer when the batch is too
+# narrow to give _FWD_MIN_PROGRAMS programs; the backward walks chunk_size steps over 4 channels (H200 sweeps
+# of benchmarks/gpu_scan.py --sweep, docs/benchmarks.md).
+_FWD_CHUNK, _FWD_CHANNELS, _FWD_MIN_PROGRAMS, _FWD_WARPS = 16, 8, 2048, 1
+_BWD_CHANNELS, _BWD_WARPS = 4, 1
 
 
 def prepare_dt_ref(dt, dt_bias=None, dt_softplus=False):
@@ -60,10 +60,9 @@ def _check(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size):
         raise ValueError("all selective scan inputs must be on one device")
 
 
-def _blocks(width, d_state, tile):
-    """(BLOCK_E, BLOCK_N): the state padded to a power of two, and as many channels as fill ``tile``."""
-    block_n = triton.next_power_of_2(d_state)
-    return max(1, min(triton.next_power_of_2(width), tile // block_n)), block_n
+def _blocks(width, d_state, channels):
+    """(BLOCK_E, BLOCK_N): ``channels`` (at most the width) and the state padded to a power of two."""
+    return min(triton.next_power_of_2(width), channels), triton.next_power_of_2(d_state)
 
 
 def _contiguous(*tensors):
@@ -90,7 +89,10 @@ def selective_scan_fwd(
     x, dt, A, B, C, D, z, dt_bias = _contiguous(x, dt, A, B, C, D, z, dt_bias)
     b, l, e = x.shape
     n = A.shape[1]
-    block_e, block_n = _blocks(e, n, _FWD_TILE // chunk_size)
+    block_e, block_n = _blocks(e, n, _FWD_CHANNELS)
+    while block_e > 1 and b * triton.cdiv(e, block_e) < _FWD_MIN_PROGRAMS:
+        block_e //= 2  # a narrow batch: more programs of fewer channels keep the GPU busy
+    steps = max(chunk_size, min(_FWD_CHUNK, 256 // block_n))  # steps per iteration; chunk_size divides it
     y = torch.empty_like(x)
     final = x.new_empty(b, e, n, dtype=torch.float32)
     states = x.new_empty(b, triton.cdiv(l, chunk_size) if keep_states else 0, e, n, dtype=torch.float32)
@@ -111,7 +113,7 @@ def selective_scan_fwd(
         l,
         e,
         n,
-        CHUNK=chunk_size,
+        CHUNK=steps,
         BLOCK_E=block_e,
         BLOCK_N=block_n,
         HAS_BIAS=dt_bias is not None,
@@ -120,6 +122,7 @@ def selective_scan_fwd(
         HAS_Z=z is not None,
         HAS_INIT=init is not None,
         STORE_STATES=keep_states,
+        STATE_CHUNK=chunk_size,
         num_warps=_FWD_WARPS,
     )
     return y, final, states
@@ -168,7 +171,7 @@ def selective_scan_bwd(
     dy, dfinal, x, dt, A, B, C, D, z, dt_bias = _contiguous(dy, dfinal, x, dt, A, B, C, D, z, dt_bias)
     b, l, e = x.shape
     n = A.shape[1]
-    block_e, block_n = _blocks(e, n, _BWD_TILE // chunk_size)
+    block_e, block_n = _blocks(e, n, _BWD_CHANNELS)
     dx, ddt = torch.empty_like(x), torch.empty_like(dt)
     dz = torch.empty_like(z) if z is not None else None
     dB, dC = (torch.zeros(b, l, n, device=x.device, dtype=torch.float32) for _ in range(2))
@@ -306,7 +309,7 @@ def selective_scan_step(
     """y: (b, e) in x's dtype; ``state`` (b, e, n, contiguous) updated in place."""
     x, dt, A, B, C, D, z = _contiguous(x, dt, A, B, C, D, z)
     b, e = x.shape
-    block_e, block_n = _blocks(e, A.shape[1], 1024)
+    block_e, block_n = _blocks(e, A.shape[1], max(1, 1024 // triton.next_power_of_2(A.shape[1])))
     y = torch.empty_like(x)
     selective_scan_step_kernel[(b, triton.cdiv(e, block_e))](
         x,

@@ -9,7 +9,7 @@ Only the chunk start states (when asked, for the backward) and the final state a
 state. Reference: ``ssmblocks.ops.selective_scan.selective_scan_ref``; the dt preprocessing that ``load_dt``
 fuses is ``ssmblocks.kernels.selective_scan.prepare_dt_ref``.
 Shapes: x, dt, z, y: (b, l, e); A: (e, n); B, C: (b, l, n); D, dt_bias: (e,); init, final: (b, e, n);
-states: (b, k, e, n) for k = ceil(l / c) chunks.
+states: (b, ceil(l / s), e, n) for the backward's chunk s.
 """
 
 import triton
@@ -69,8 +69,10 @@ def selective_scan_fwd_kernel(
     HAS_Z: tl.constexpr,
     HAS_INIT: tl.constexpr,
     STORE_STATES: tl.constexpr,
+    STATE_CHUNK: tl.constexpr,
 ):
-    """Writes y, final[b] and, when STORE_STATES, states[b, k] = the state before chunk k."""
+    """Writes y, final[b] and, when STORE_STATES, states[b, j] = the state before step j * STATE_CHUNK (the
+    backward's chunk, which divides CHUNK)."""
     seq, block = tl.program_id(0), tl.program_id(1)
     offs_e = block * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
@@ -92,9 +94,11 @@ def selective_scan_fwd_kernel(
     first = (offs_c == 0)[:, None, None]
     last = (offs_c == CHUNK - 1)[:, None, None]
     n_chunks = tl.cdiv(seq_len, CHUNK)
+    n_states = tl.cdiv(seq_len, STATE_CHUNK)
+    per_chunk: tl.constexpr = CHUNK // STATE_CHUNK
     for k in range(n_chunks):
         if STORE_STATES:
-            tl.store(states + (seq * n_chunks + k) * width * d_state + ne, state, mask=mask_ne)
+            tl.store(states + (seq * n_states + k * per_chunk) * width * d_state + ne, state, mask=mask_ne)
         tok = seq * seq_len + k * CHUNK + offs_c
         mask_c = k * CHUNK + offs_c < seq_len
         mask_ce = mask_c[:, None] & mask_e[None, :]
@@ -108,6 +112,11 @@ def selective_scan_fwd_kernel(
         u += tl.where(first, decay * state[None, :, :], 0.0)
         _, h = tl.associative_scan((decay, u), 0, first_order_combine)
         state = tl.sum(tl.where(last, h, 0.0), 0)  # padded rows carry the last real state
+        if STORE_STATES:
+            for j in tl.static_range(1, per_chunk):
+                inner = tl.sum(tl.where((offs_c == j * STATE_CHUNK - 1)[:, None, None], h, 0.0), 0)
+                at = k * per_chunk + j
+                tl.store(states + (seq * n_states + at) * width * d_state + ne, inner, mask=mask_ne & (at < n_states))
         c_c = tl.load(C + tok[:, None] * d_state + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
         out = tl.sum(h * c_c[:, :, None], 1)  # (c, e)
         if HAS_D:

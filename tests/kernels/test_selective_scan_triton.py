@@ -14,6 +14,7 @@ from ssmblocks.ops.selective_scan import selective_scan_ref, selective_scan_step
 from tests.helpers import assert_close, randomise
 
 pytest.importorskip("triton")
+from ssmblocks.kernels import selective_scan as kernels  # noqa: E402
 from ssmblocks.kernels.selective_scan import (  # noqa: E402
     prepare_dt_ref,
     selective_scan_bwd,
@@ -32,6 +33,7 @@ CASES = {
     "plain": (1, 20, 8, 4, 8, False, False, False, False, False, 0.5),
     "D-z-bias-softplus-init": (2, 21, 12, 6, 8, True, True, True, True, True, 0.5),
     "chunk16-large-decay-D-init": (1, 19, 6, 5, 16, True, False, False, False, True, 5.0),
+    "chunk4-D-z-bias-softplus": (2, 23, 10, 16, 4, True, True, True, True, False, 0.5),
 }
 
 
@@ -80,8 +82,13 @@ def check_against_reference(kw, softplus, chunk, tol):
             assert_close(leaf.grad, ref_leaves[name].grad, tol, f"d{name}")
 
 
+@pytest.mark.parametrize("channel_blocks", ["narrow-batch", "full"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_forward_and_gradients(case):
+def test_forward_and_gradients(case, channel_blocks, monkeypatch):
+    """Tiny batches get one channel per forward program; "full" keeps the forward's 8-channel blocks (with
+    partly masked ones), as on a GPU-sized batch."""
+    if channel_blocks == "full":
+        monkeypatch.setattr(kernels, "_FWD_MIN_PROGRAMS", 0)
     b, l, e, n, chunk, has_d, has_z, has_bias, softplus, has_init, dt_scale = CASES[case]
     kw = make_inputs(b, l, e, n, has_d, has_z, has_bias, has_init, dt_scale)
     check_against_reference(kw, softplus, chunk, TOL)
