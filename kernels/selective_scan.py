@@ -18,7 +18,7 @@ from .selective_scan_fwd import selective_scan_fwd_kernel
 from .selective_scan_step import selective_scan_step_kernel
 
 CHUNK_SIZES = (4, 8, 16, 32, 64)
-DEFAULT_CHUNK_SIZE = 8
+DEFAULT_CHUNK_SIZE = 16  # the backward's chunk, and the spacing of the states the forward keeps for it
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Per program, one warp: the forward walks 16 steps at a time over 8 channels, fewer when the batch is too
 # narrow to give _FWD_MIN_PROGRAMS programs; the backward walks chunk_size steps over 4 channels (H200 sweeps
