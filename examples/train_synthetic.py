@@ -8,12 +8,12 @@ Tasks (generated, nothing downloaded; see synthetic_tasks.py): multi-query assoc
 12 key-value pairs) and selective copying (copying). Models, two layers of width 64 each: Mamba2 with state
 4, 16 and 64 per head, and a hybrid of one Mamba2 layer (state 16) and one attention layer (one head); Mamba1
 (state 16 per channel, ``--models mamba``) is slower on CPU and not in the default set. Attention can look
-every pair up again; a fixed-size state has to hold them all. Each model trains at its own peak learning rate
-(MODELS: 1e-2 for the pure SSMs, which sit on a plateau for long at lower rates; 3e-3 for the hybrid, whose
-attention is unstable at 1e-2), with the same steps, batch and schedule. Accuracy is the share of answers right
-on held-out sequences, shown next to chance and next to the expected score of answering with a random value
-read earlier (a heuristic with no recall). Ends with a table and an SVG plot of held-out accuracy against
-training steps, with chance and that baseline as dashed lines (written without a plotting library).
+every pair up again; a fixed-size state has to hold them all. Each model trains at its own peak learning
+rate (MODELS: 1e-2 for the pure SSMs, as Mamba2 sits on a plateau for long at 3e-3; 3e-3 for the hybrid,
+whose attention fails to learn at 1e-2), with the same steps, batch and schedule. Accuracy is the share of
+answers right on held-out sequences, shown next to chance and next to the expected score of answering with a
+random value read earlier (a heuristic with no recall). Ends with a table and an SVG plot of held-out accuracy
+against training steps, with chance and that baseline as dashed lines (written without a plotting library).
 """
 
 from __future__ import annotations
