@@ -26,7 +26,7 @@ import torch
 class MQAR:
     """Token ids: keys [0, keys), values [keys, keys + values). Sequence length 3 * pairs."""
 
-    pairs: int = 8
+    pairs: int = 12
     keys: int = 32
     values: int = 32
 

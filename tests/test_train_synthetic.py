@@ -50,13 +50,30 @@ def test_earlier_value_baseline_matches_a_direct_count():
     assert sum(expected) / 4 == pytest.approx((0.5 + 0 + 1 + 0.5) / 4)
 
 
+def test_lr_schedule_warms_up_holds_and_decays_to_zero():
+    factor = train_synthetic.lr_factor(100)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == 1.0  # warmup over the first tenth
+    assert factor(10) == factor(80) == 1.0  # constant
+    assert factor(90) == pytest.approx(0.5) and factor(99) == pytest.approx(0.05)  # decay over the last fifth
+    assert factor(100) == 0.0
+
+
 def test_demo_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     plot = tmp_path / "accuracy.svg"
     argv = ["--steps", "2", "--batch", "4", "--held-out", "8", "--eval-every", "1", "--plot", str(plot)]
-    results = train_synthetic.main([*argv, "--models", "mamba", "hybrid"])
+    results = train_synthetic.main(argv)  # the default models
     out = capsys.readouterr().out
-    for name in ("mamba", "hybrid", "random earlier value", "chance"):
+    for name in (*train_synthetic.DEFAULT_MODELS, "random earlier value", "chance"):
         assert f"\n{name} " in out
-    assert [len(r["curve"]) for r in results] == [3, 3]
+    assert [r["model"] for r in results] == train_synthetic.DEFAULT_MODELS
+    assert [r["lr"] for r in results] == [train_synthetic.MODELS[m][2] for m in train_synthetic.DEFAULT_MODELS]
+    assert [len(r["curve"]) for r in results] == [3] * len(results)
+    assert [r["state"] for r in results][:3] == [2 * 8 * 16 * n for n in (4, 16, 64)]  # 2 layers, 8 heads of 16
     svg = plot.read_text()
-    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and "random earlier value" in svg
+    assert svg.startswith("<svg") and svg.count("<polyline") == len(results) and "random earlier value" in svg
+
+
+def test_demo_lr_option_overrides_every_model(tmp_path):
+    argv = ["--steps", "1", "--batch", "2", "--held-out", "4", "--lr", "1e-3", "--plot", str(tmp_path / "a.svg")]
+    results = train_synthetic.main([*argv, "--models", "mamba", "hybrid"])
+    assert [r["lr"] for r in results] == [1e-3, 1e-3]
