@@ -14,12 +14,18 @@ whose attention fails to learn at 1e-2), with the same steps, batch and schedule
 answers right on held-out sequences, shown next to chance and next to the expected score of answering with a
 random value read earlier (a heuristic with no recall). Ends with a table and an SVG plot of held-out accuracy
 against training steps, with chance and that baseline as dashed lines (written without a plotting library).
+
+On CPU the models train two at a time (``--workers``), each in its own process on one thread: on models this
+small two one-thread processes get through 1.35x the steps of one process on two threads. Everything runs on
+the torch ops (training would anyway), so a first run does not wait for the C++ kernels to build.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +85,14 @@ def lr_factor(steps: int):
     return lambda s: min((s + 1) / warmup, 1.0, (steps - s) / decay)
 
 
-def train(name: str, task, held_out, args) -> dict:
-    """Train one model; its held-out accuracy every ``args.eval_every`` steps and at the end."""
+def train(name: str, task, held_out, args, bar_row: int = 0) -> dict:
+    """Train one model; its held-out accuracy every ``args.eval_every`` steps and at the end.
+    bar_row: the terminal row of its progress bar (one per worker)."""
+    with ssmblocks.backends.use("torch"):
+        return _train(name, task, held_out, args, bar_row)
+
+
+def _train(name: str, task, held_out, args, bar_row: int) -> dict:
     torch.manual_seed(args.seed)
     model = build(name, task.vocab_size, args.device).train()
     lr = args.lr or MODELS[name][2]
@@ -89,7 +101,7 @@ def train(name: str, task, held_out, args) -> dict:
     data = torch.Generator().manual_seed(args.seed)
     curve = [(0, accuracy(model, *held_out))]
     start = time.perf_counter()
-    bar = tqdm(range(1, args.steps + 1), desc=f"{name:>10}", leave=False)
+    bar = tqdm(range(1, args.steps + 1), desc=f"{name:>10}", leave=False, position=bar_row)
     for step in bar:
         ids, targets = task(args.batch, generator=data)
         loss, _ = loss_and_right(model, ids.to(args.device), targets.to(args.device))
@@ -187,6 +199,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default="train_synthetic.svg", help="where to write the accuracy plot")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="models trained at once, a process of one thread each (1: in this process)",
+    )
     args = parser.parse_args(argv)
 
     task = TASKS[args.task]()
@@ -196,7 +214,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "chance": chance(task.answers),
     }
     held_out = (ids.to(args.device), targets.to(args.device))
-    results = [train(name, task, held_out, args) for name in args.models]
+    if args.workers == 1:
+        results = [train(name, task, held_out, args) for name in args.models]
+    else:
+        spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked thread pools
+        with ProcessPoolExecutor(
+            args.workers, mp_context=spawn, initializer=torch.set_num_threads, initargs=(1,)
+        ) as pool:
+            # largest model first (the slowest), so that the workers finish at about the same time
+            size = {name: build(name, task.vocab_size, "cpu").num_parameters() for name in args.models}
+            by_size = sorted(args.models, key=size.get, reverse=True)
+            jobs = {
+                name: pool.submit(train, name, task, held_out, args, i % args.workers) for i, name in enumerate(by_size)
+            }
+            results = [jobs[name].result() for name in args.models]
 
     print(f"\n{task}: {args.steps} steps of batch {args.batch}, accuracy on {args.held_out} held-out sequences")
     print(f"{'model':<22}{'params':>9}{'SSM state':>11}{'lr':>8}{'accuracy':>10}{'seconds':>9}")

@@ -61,7 +61,7 @@ def test_lr_schedule_warms_up_holds_and_decays_to_zero():
 def test_demo_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     plot = tmp_path / "accuracy.svg"
     argv = ["--steps", "2", "--batch", "4", "--held-out", "8", "--eval-every", "1", "--plot", str(plot)]
-    results = train_synthetic.main(argv)  # the default models
+    results = train_synthetic.main(argv)  # the default models, two worker processes
     out = capsys.readouterr().out
     for name in (*train_synthetic.DEFAULT_MODELS, "random earlier value", "chance"):
         assert f"\n{name} " in out
@@ -75,5 +75,5 @@ def test_demo_prints_the_table_and_writes_the_plot(tmp_path, capsys):
 
 def test_demo_lr_option_overrides_every_model(tmp_path):
     argv = ["--steps", "1", "--batch", "2", "--held-out", "4", "--lr", "1e-3", "--plot", str(tmp_path / "a.svg")]
-    results = train_synthetic.main([*argv, "--models", "mamba", "hybrid"])
+    results = train_synthetic.main([*argv, "--models", "mamba", "hybrid", "--workers", "1"])  # in this process
     assert [r["lr"] for r in results] == [1e-3, 1e-3]
