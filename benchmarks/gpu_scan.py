@@ -9,7 +9,8 @@ compare ``selective_scan_triton`` with the float32 torch implementation ``select
 call: raw dt with dt_bias and softplus, D, z) with ``triton.testing.do_bench`` medians against the torch path and
 mamba_ssm's ``selective_scan_fn`` (its CUDA extension ``selective_scan_cuda``, importable or under ``--peers``;
 never a dependency), with the peak memory each call adds. ``--sweep`` first times the kernels' chunk and tile
-settings on the first shape. The log goes to DIR/gpu_scan.log.
+settings on the first shape and the backward's split into sequence segments on all three. The log goes to
+DIR/gpu_scan.log.
 """
 
 import argparse
@@ -201,6 +202,24 @@ def sweep(b, l, e, n):
     say(f"  best fwd+bwd {best[0]:.3f} ms: chunk {best[2]}, fwd {best[3]} x {best[4]}, bwd {best[5]} channels")
 
 
+def sweep_segments(b, l, e, n):
+    """Time forward+backward on one shape for several _BWD_MIN_PROGRAMS (0: the backward walks each sequence
+    in one program; otherwise it splits the sequence into segments until there are that many programs)."""
+    kw = make_inputs(b, l, e, n, torch.bfloat16, init=False)
+    leaves = [v for v in kw.values() if v is not None]
+    args = [kw[k] for k in ("x", "dt", "A", "B", "C", "D", "z")]
+    default = kernels._BWD_MIN_PROGRAMS
+    for programs in (0, 2048, 4096, 8192, 16384):
+        kernels._BWD_MIN_PROGRAMS = programs
+
+        def fn():
+            return kernels.selective_scan_triton(*args, dt_bias=kw["dt_bias"], dt_softplus=True)[0]
+
+        tf, tb, _, mb = time_impl(fn, torch.randn_like(kw["x"]), leaves)
+        say(f"  B{b} L{l} E{e}: _BWD_MIN_PROGRAMS {programs:5d}  fwd+bwd {tb:7.3f} ms  peak extra {mb:.2f} GiB")
+    kernels._BWD_MIN_PROGRAMS = default
+
+
 def load_mamba(peers):
     if peers:
         sys.path.insert(0, peers)
@@ -242,6 +261,9 @@ def main():
     if opts.sweep:
         say("== sweep, B8 L2048 E1536 N16 bf16 ==")
         sweep(8, 2048, 1536, 16)
+        say("== sweep, backward sequence segments ==")
+        for shape in ((8, 2048, 1536, 16), (2, 8192, 2048, 16), (1, 16384, 5120, 16)):
+            sweep_segments(*shape)
 
     mamba_fn = load_mamba(opts.peers)
     say("== benchmark, bf16, do_bench medians ==")

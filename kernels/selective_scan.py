@@ -21,10 +21,11 @@ CHUNK_SIZES = (4, 8, 16, 32, 64)
 DEFAULT_CHUNK_SIZE = 16  # the backward's chunk, and the spacing of the states the forward keeps for it
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Per program, one warp: the forward walks 16 steps at a time over 8 channels, fewer when the batch is too
-# narrow to give _FWD_MIN_PROGRAMS programs; the backward walks chunk_size steps over 4 channels (H200 sweeps
-# of benchmarks/gpu_scan.py --sweep, docs/benchmarks.md).
+# narrow to give _FWD_MIN_PROGRAMS programs; the backward walks chunk_size steps over 4 channels, on sequence
+# segments when the batch is too narrow to give _BWD_MIN_PROGRAMS programs otherwise (H200 sweeps of
+# benchmarks/gpu_scan.py --sweep, docs/benchmarks.md).
 _FWD_CHUNK, _FWD_CHANNELS, _FWD_MIN_PROGRAMS, _FWD_WARPS = 16, 8, 2048, 1
-_BWD_CHANNELS, _BWD_WARPS = 4, 1
+_BWD_CHANNELS, _BWD_MIN_PROGRAMS, _BWD_WARPS = 4, 4096, 1
 
 
 def prepare_dt_ref(dt, dt_bias=None, dt_softplus=False):
@@ -175,44 +176,30 @@ def selective_scan_bwd(
     dx, ddt = torch.empty_like(x), torch.empty_like(dt)
     dz = torch.empty_like(z) if z is not None else None
     dB, dC = (torch.zeros(b, l, n, device=x.device, dtype=torch.float32) for _ in range(2))
-    dA_part = x.new_empty(b, e, n, dtype=torch.float32)
-    dD_part, dbias_part = (x.new_empty(b, e, dtype=torch.float32) for _ in range(2))
     dinit = x.new_empty(b, e, n, dtype=torch.float32) if initial_state is not None else None
-    selective_scan_bwd_kernel[(b, triton.cdiv(e, block_e))](
-        x,
-        dt,
-        dt_bias,
-        A,
-        B,
-        C,
-        D,
-        z,
-        dy,
-        states,
-        dfinal,
-        dx,
-        ddt,
-        dz,
-        dB,
-        dC,
-        dA_part,
-        dD_part,
-        dbias_part,
-        dinit,
-        l,
-        e,
-        n,
-        CHUNK=chunk_size,
-        BLOCK_E=block_e,
-        BLOCK_N=block_n,
-        HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=dt_softplus,
-        HAS_D=D is not None,
-        HAS_Z=z is not None,
-        HAS_DFINAL=dfinal is not None,
-        HAS_INIT=dinit is not None,
-        num_warps=_BWD_WARPS,
-    )
+    n_chunks, blocks = triton.cdiv(l, chunk_size), triton.cdiv(e, block_e)
+    seg_chunks = triton.cdiv(n_chunks, min(n_chunks, max(1, _BWD_MIN_PROGRAMS // (b * blocks))))
+    segments = triton.cdiv(n_chunks, seg_chunks)
+    dA_part = x.new_empty(b, segments, e, n, dtype=torch.float32)
+    dD_part, dbias_part = (x.new_empty(b, segments, e, dtype=torch.float32) for _ in range(2))
+
+    def launch(carry, seg_dstate=None, seg_dt=None):
+        selective_scan_bwd_kernel[(b, blocks, segments)](
+            x, dt, dt_bias, A, B, C, D, z, dy, states, carry,
+            dx, ddt, dz, dB, dC, dA_part, dD_part, dbias_part, dinit, seg_dstate, seg_dt,
+            l, e, n, seg_chunks,
+            CHUNK=chunk_size, BLOCK_E=block_e, BLOCK_N=block_n, HAS_BIAS=dt_bias is not None,
+            SOFTPLUS=dt_softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_CARRY=carry is not None,
+            HAS_INIT=dinit is not None, CARRY_ONLY=seg_dstate is not None, num_warps=_BWD_WARPS,
+        )  # fmt: skip
+
+    carry = None if dfinal is None else dfinal.float().view(b, 1, e, n)
+    if segments > 1:
+        seg_dstate = x.new_empty(b, segments, e, n, dtype=torch.float32)
+        seg_dt = x.new_empty(b, segments, e, dtype=torch.float32)
+        launch(None, seg_dstate, seg_dt)
+        carry = _segment_carries(seg_dstate, seg_dt, A, carry)
+    launch(carry)
 
     def like(grad, t):
         return x.new_empty(0) if t is None else grad.to(t.dtype)
@@ -220,14 +207,23 @@ def selective_scan_bwd(
     return (
         dx,
         ddt,
-        dA_part.sum(0).to(A.dtype),
+        dA_part.sum((0, 1)).to(A.dtype),
         dB.to(B.dtype),
         dC.to(C.dtype),
-        like(dD_part.sum(0), D),
+        like(dD_part.sum((0, 1)), D),
         like(dz, z),
-        like(dbias_part.sum(0), dt_bias),
+        like(dbias_part.sum((0, 1)), dt_bias),
         like(dinit, initial_state),
     )
+
+
+def _segment_carries(seg_dstate, seg_dt, A, dfinal):
+    """dL/d(state at the end of each segment), (b, S, e, n), from each segment's carry passed on from a zero
+    carry in, seg_dstate (b, S, e, n), and its summed dt, seg_dt (b, S, e); dfinal: (b, 1, e, n) or None."""
+    carries = [torch.zeros_like(seg_dstate[:, 0]) if dfinal is None else dfinal[:, 0]]
+    for s in range(seg_dstate.shape[1] - 1, 0, -1):
+        carries.append(seg_dstate[:, s] + torch.exp(seg_dt[:, s, :, None] * A.float()) * carries[-1])
+    return torch.stack(carries[::-1], 1)
 
 
 @selective_scan_bwd.register_fake

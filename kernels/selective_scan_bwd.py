@@ -1,12 +1,20 @@
-"""Selective scan backward: one program per (sequence, channel block) walks the chunks backwards.
+"""Selective scan backward: one program per (sequence, channel block, segment) walks the segment's chunks
+backwards.
 
 Each chunk recomputes its states h_t from the stored chunk start state (the forward's scan), then the state
 gradient g_t = dL/dh_t from the reverse recurrence g_t = a_{t+1} g_{t+1} + dy_t C_t (a second associative
 scan, over the flipped rows), carrying dL/d(chunk start state) to the chunk before. With a_t h_{t-1} = h_t - u_t
 no division is needed. Tiles are (c, n, e) as in the forward.
+
+Narrow batches split the sequence into segments of ``seg_chunks`` chunks, so that there are enough programs.
+A segment needs dL/d(state at its end), the carry from the segments after it. Since the carry recurrence is
+linear, a first launch with CARRY_ONLY computes, per segment, the carry it passes on from a zero carry in
+(``seg_dstate``) and its summed dt (``seg_dt``; the segment multiplies a carry by exp(A sum dt)); the caller
+chains them (selective_scan.py), then the full launch starts each segment from its carry.
 Reference: the gradients of ``ssmblocks.ops.selective_scan.selective_scan_ref``.
 Shapes: x, dt, z, dy, dx, ddt, dz: (b, l, e); A: (e, n); B, C, dB, dC (float32, accumulated): (b, l, n);
-states: (b, k, e, n); dfinal, dinit: (b, e, n); dA_part: (b, e, n), dD_part, dbias_part: (b, e) per sequence.
+states: (b, k, e, n); carry, seg_dstate: (b, S, e, n), seg_dt: (b, S, e) for S segments; dinit: (b, e, n);
+dA_part: (b, S, e, n), dD_part, dbias_part: (b, S, e) per sequence and segment.
 """
 
 import triton
@@ -28,7 +36,7 @@ def selective_scan_bwd_kernel(
     z,
     dy,
     states,
-    dfinal,
+    carry,
     dx,
     ddt,
     dz,
@@ -38,9 +46,12 @@ def selective_scan_bwd_kernel(
     dD_part,
     dbias_part,
     dinit,
+    seg_dstate,
+    seg_dt,
     seq_len,
     width,
     d_state,
+    seg_chunks,
     CHUNK: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -48,10 +59,12 @@ def selective_scan_bwd_kernel(
     SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
-    HAS_DFINAL: tl.constexpr,
+    HAS_CARRY: tl.constexpr,
     HAS_INIT: tl.constexpr,
+    CARRY_ONLY: tl.constexpr,
 ):
-    seq, block = tl.program_id(0), tl.program_id(1)
+    seq, block, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    part = seq * tl.num_programs(2) + seg  # this program's (sequence, segment) row of the partial outputs
     offs_e = block * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, CHUNK)
@@ -68,18 +81,19 @@ def selective_scan_bwd_kernel(
         d_skip = tl.load(D + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     else:
         d_skip = tl.zeros((BLOCK_E,), tl.float32)
-    if HAS_DFINAL:
-        dstate = tl.load(dfinal + seq * width * d_state + ne, mask=mask_ne, other=0.0).to(tl.float32)
+    if HAS_CARRY and not CARRY_ONLY:
+        dstate = tl.load(carry + part * width * d_state + ne, mask=mask_ne, other=0.0)
     else:
         dstate = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)  # dL/d(state after the chunk being walked)
     dA_acc = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)
     dD_acc = tl.zeros((BLOCK_E,), tl.float32)
-    dbias_acc = tl.zeros((BLOCK_E,), tl.float32)
+    dbias_acc = tl.zeros((BLOCK_E,), tl.float32)  # in CARRY_ONLY: the segment's summed dt
     first = (offs_c == 0)[:, None, None]
     last = (offs_c == CHUNK - 1)[:, None, None]
     n_chunks = tl.cdiv(seq_len, CHUNK)
-    for i in range(n_chunks):
-        k = n_chunks - 1 - i
+    seg_start, seg_end = seg * seg_chunks, tl.minimum((seg + 1) * seg_chunks, n_chunks)
+    for i in range(seg_start, seg_end):
+        k = seg_end - 1 - (i - seg_start)
         pos = k * CHUNK + offs_c
         tok = seq * seq_len + pos
         mask_c = pos < seq_len
@@ -88,23 +102,25 @@ def selective_scan_bwd_kernel(
         rows = tok[:, None] * width + offs_e[None, :]
         rows_n = tok[:, None] * d_state + offs_n[None, :]
         dt_c, slope = load_dt(dt, bias, rows, mask_ce, HAS_BIAS, SOFTPLUS)
-        x_c = tl.load(x + rows, mask=mask_ce, other=0.0).to(tl.float32)
-        b_c = tl.load(B + rows_n, mask=mask_cn, other=0.0).to(tl.float32)
         c_c = tl.load(C + rows_n, mask=mask_cn, other=0.0).to(tl.float32)
-        start = tl.load(states + (seq * n_chunks + k) * width * d_state + ne, mask=mask_ne, other=0.0)
-
         decay = tl.exp2(dt_c[:, None, :] * a_log2[None, :, :])  # (c, n, e)
-        u = (dt_c * x_c)[:, None, :] * b_c[:, :, None]
-        h_decayed = tl.where(first, decay * start[None, :, :], 0.0)  # a_t h_{t-1}, so far for t = 1
-        _, h = tl.associative_scan((decay, u + h_decayed), 0, first_order_combine)
-        h_decayed = h - u
-
         g = tl.load(dy + rows, mask=mask_ce, other=0.0).to(tl.float32)  # dL/d(gated output)
         if HAS_Z:
             z_c = tl.load(z + rows, mask=mask_ce, other=0.0).to(tl.float32)
             sig = tl.sigmoid(z_c)
-            out = tl.sum(h * c_c[:, :, None], 1) + x_c * d_skip[None, :]
-            tl.store(dz + rows, (g * out * sig * (1.0 + z_c * (1.0 - sig))).to(dz.dtype.element_ty), mask=mask_ce)
+        if not CARRY_ONLY:
+            x_c = tl.load(x + rows, mask=mask_ce, other=0.0).to(tl.float32)
+            b_c = tl.load(B + rows_n, mask=mask_cn, other=0.0).to(tl.float32)
+            start = tl.load(states + (seq * n_chunks + k) * width * d_state + ne, mask=mask_ne, other=0.0)
+            u = (dt_c * x_c)[:, None, :] * b_c[:, :, None]
+            h_decayed = tl.where(first, decay * start[None, :, :], 0.0)  # a_t h_{t-1}, so far for t = 1
+            _, h = tl.associative_scan((decay, u + h_decayed), 0, first_order_combine)
+            h_decayed = h - u
+            if HAS_Z:
+                out = tl.sum(h * c_c[:, :, None], 1) + x_c * d_skip[None, :]
+                dz_c = g * out * sig * (1.0 + z_c * (1.0 - sig))
+                tl.store(dz + rows, dz_c.to(dz.dtype.element_ty), mask=mask_ce)
+        if HAS_Z:
             g *= z_c * sig  # dL/d(ungated output)
 
         # dh_t = dy_t C_t + a_{t+1} dh_{t+1}; a_{t+1} of the chunk's last row is 1 and the carry enters there
@@ -116,19 +132,25 @@ def selective_scan_bwd_kernel(
         _, dh = tl.associative_scan((tl.flip(decay_next, 0), tl.flip(g_c, 0)), 0, first_order_combine)
         dh = tl.flip(dh, 0)
         dstate = tl.sum(tl.where(first, decay * dh, 0.0), 0)
-
-        ddt_c = tl.sum(dh * (x_c[:, None, :] * b_c[:, :, None] + h_decayed * a_ne[None, :, :]), 1)
-        dA_acc += tl.sum(dh * h_decayed * dt_c[:, None, :], 0)
-        dx_c = tl.sum(dh * b_c[:, :, None], 1) * dt_c + g * d_skip[None, :]
-        tl.store(dx + rows, dx_c.to(dx.dtype.element_ty), mask=mask_ce)
-        ddt_c *= slope
-        tl.store(ddt + rows, ddt_c.to(ddt.dtype.element_ty), mask=mask_ce)
-        dbias_acc += tl.sum(tl.where(mask_ce, ddt_c, 0.0), 0)
-        dD_acc += tl.sum(g * x_c, 0)
-        tl.atomic_add(dB + rows_n, tl.sum(dh * (dt_c * x_c)[:, None, :], 2), mask=mask_cn, sem="relaxed")
-        tl.atomic_add(dC + rows_n, tl.sum(g[:, None, :] * h, 2), mask=mask_cn, sem="relaxed")
-    tl.store(dA_part + seq * width * d_state + ne, dA_acc, mask=mask_ne)
-    tl.store(dD_part + seq * width + offs_e, dD_acc, mask=mask_e)
-    tl.store(dbias_part + seq * width + offs_e, dbias_acc, mask=mask_e)
-    if HAS_INIT:
-        tl.store(dinit + seq * width * d_state + ne, dstate, mask=mask_ne)
+        if CARRY_ONLY:
+            dbias_acc += tl.sum(dt_c, 0)  # zero outside mask_ce
+        else:
+            ddt_c = tl.sum(dh * (x_c[:, None, :] * b_c[:, :, None] + h_decayed * a_ne[None, :, :]), 1)
+            dA_acc += tl.sum(dh * h_decayed * dt_c[:, None, :], 0)
+            dx_c = tl.sum(dh * b_c[:, :, None], 1) * dt_c + g * d_skip[None, :]
+            tl.store(dx + rows, dx_c.to(dx.dtype.element_ty), mask=mask_ce)
+            ddt_c *= slope
+            tl.store(ddt + rows, ddt_c.to(ddt.dtype.element_ty), mask=mask_ce)
+            dbias_acc += tl.sum(tl.where(mask_ce, ddt_c, 0.0), 0)
+            dD_acc += tl.sum(g * x_c, 0)
+            tl.atomic_add(dB + rows_n, tl.sum(dh * (dt_c * x_c)[:, None, :], 2), mask=mask_cn, sem="relaxed")
+            tl.atomic_add(dC + rows_n, tl.sum(g[:, None, :] * h, 2), mask=mask_cn, sem="relaxed")
+    if CARRY_ONLY:
+        tl.store(seg_dstate + part * width * d_state + ne, dstate, mask=mask_ne)
+        tl.store(seg_dt + part * width + offs_e, dbias_acc, mask=mask_e)
+    else:
+        tl.store(dA_part + part * width * d_state + ne, dA_acc, mask=mask_ne)
+        tl.store(dD_part + part * width + offs_e, dD_acc, mask=mask_e)
+        tl.store(dbias_part + part * width + offs_e, dbias_acc, mask=mask_e)
+        if HAS_INIT:
+            tl.store(dinit + seq * width * d_state + ne, dstate, mask=mask_ne & (seg == 0))

@@ -86,10 +86,24 @@ def check_against_reference(kw, softplus, chunk, tol):
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_forward_and_gradients(case, channel_blocks, monkeypatch):
     """Tiny batches get one channel per forward program; "full" keeps the forward's 8-channel blocks (with
-    partly masked ones), as on a GPU-sized batch."""
+    partly masked ones), as on a GPU-sized batch. The backward walks each sequence in one program."""
     if channel_blocks == "full":
         monkeypatch.setattr(kernels, "_FWD_MIN_PROGRAMS", 0)
+    monkeypatch.setattr(kernels, "_BWD_MIN_PROGRAMS", 0)
     b, l, e, n, chunk, has_d, has_z, has_bias, softplus, has_init, dt_scale = CASES[case]
+    kw = make_inputs(b, l, e, n, has_d, has_z, has_bias, has_init, dt_scale)
+    check_against_reference(kw, softplus, chunk, TOL)
+
+
+@pytest.mark.parametrize(
+    ("case", "chunks_per_segment"), [("D-z-bias-softplus-init", 1), ("chunk4-D-z-bias-softplus", 2)]
+)
+def test_backward_on_sequence_segments(case, chunks_per_segment, monkeypatch):
+    """The backward split into segments, as for narrow batches on a GPU: 3 segments of 1 chunk (21 steps,
+    chunk 8), or 3 of 2 chunks (23 steps, chunk 4), each started from the carry the later ones pass back."""
+    b, l, e, n, chunk, has_d, has_z, has_bias, softplus, has_init, dt_scale = CASES[case]
+    segments = -(-l // chunk) // chunks_per_segment
+    monkeypatch.setattr(kernels, "_BWD_MIN_PROGRAMS", b * -(-e // kernels._BWD_CHANNELS) * segments)
     kw = make_inputs(b, l, e, n, has_d, has_z, has_bias, has_init, dt_scale)
     check_against_reference(kw, softplus, chunk, TOL)
 
