@@ -203,21 +203,25 @@ def sweep(b, l, e, n):
 
 
 def sweep_segments(b, l, e, n):
-    """Time forward+backward on one shape for several _BWD_MIN_PROGRAMS (0: the backward walks each sequence
-    in one program; otherwise it splits the sequence into segments until there are that many programs)."""
+    """Time forward+backward on one shape with the backward split into 1, 2, 4, 9 and 16 sequence segments,
+    and the count the kernels pick (_backward_segments)."""
     kw = make_inputs(b, l, e, n, torch.bfloat16, init=False)
     leaves = [v for v in kw.values() if v is not None]
     args = [kw[k] for k in ("x", "dt", "A", "B", "C", "D", "z")]
-    default = kernels._BWD_MIN_PROGRAMS
-    for programs in (0, 2048, 4096, 8192, 16384):
-        kernels._BWD_MIN_PROGRAMS = programs
+    pick = kernels._backward_segments
+    blocks = triton.cdiv(e, min(triton.next_power_of_2(e), kernels._BWD_CHANNELS))
+    picked = pick(b * blocks, triton.cdiv(l, DEFAULT_CHUNK_SIZE), torch.device(DEVICE))
+    for segments in (1, 2, 4, 9, 16):
+        kernels._backward_segments = lambda programs, n_chunks, device, s=segments: s
 
         def fn():
             return kernels.selective_scan_triton(*args, dt_bias=kw["dt_bias"], dt_softplus=True)[0]
 
         tf, tb, _, mb = time_impl(fn, torch.randn_like(kw["x"]), leaves)
-        say(f"  B{b} L{l} E{e}: _BWD_MIN_PROGRAMS {programs:5d}  fwd+bwd {tb:7.3f} ms  peak extra {mb:.2f} GiB")
-    kernels._BWD_MIN_PROGRAMS = default
+        say(f"  B{b} L{l} E{e}: {segments:2d} segments{' (picked)' if segments == picked else ''}  "
+            f"fwd+bwd {tb:7.3f} ms  peak extra {mb:.2f} GiB")  # fmt: skip
+    kernels._backward_segments = pick
+    say(f"  B{b} L{l} E{e}: the kernels pick {picked} segments")
 
 
 def load_mamba(peers):

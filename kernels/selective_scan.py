@@ -22,10 +22,13 @@ DEFAULT_CHUNK_SIZE = 16  # the backward's chunk, and the spacing of the states t
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Per program, one warp: the forward walks 16 steps at a time over 8 channels, fewer when the batch is too
 # narrow to give _FWD_MIN_PROGRAMS programs; the backward walks chunk_size steps over 4 channels, on sequence
-# segments when the batch is too narrow to give _BWD_MIN_PROGRAMS programs otherwise (H200 sweeps of
-# benchmarks/gpu_scan.py --sweep, docs/benchmarks.md).
+# segments where that fills the GPU's waves better (_backward_segments). H200 sweeps of benchmarks/gpu_scan.py
+# --sweep, docs/benchmarks.md.
 _FWD_CHUNK, _FWD_CHANNELS, _FWD_MIN_PROGRAMS, _FWD_WARPS = 16, 8, 2048, 1
-_BWD_CHANNELS, _BWD_MIN_PROGRAMS, _BWD_WARPS = 4, 4096, 1
+_BWD_CHANNELS, _BWD_WARPS = 4, 1
+_BWD_PROGRAMS_PER_SM = 8  # resident one-warp backward programs: ~255 registers each (ptxas), 65536 per SM
+_CARRY_COST = 0.25  # the carry-only launch's time relative to the full backward's (H200, B1 L16384 E5120)
+_MAX_SEGMENTS = 16
 
 
 def prepare_dt_ref(dt, dt_bias=None, dt_softplus=False):
@@ -178,7 +181,7 @@ def selective_scan_bwd(
     dB, dC = (torch.zeros(b, l, n, device=x.device, dtype=torch.float32) for _ in range(2))
     dinit = x.new_empty(b, e, n, dtype=torch.float32) if initial_state is not None else None
     n_chunks, blocks = triton.cdiv(l, chunk_size), triton.cdiv(e, block_e)
-    seg_chunks = triton.cdiv(n_chunks, min(n_chunks, max(1, _BWD_MIN_PROGRAMS // (b * blocks))))
+    seg_chunks = triton.cdiv(n_chunks, _backward_segments(b * blocks, n_chunks, x.device))
     segments = triton.cdiv(n_chunks, seg_chunks)
     dA_part = x.new_empty(b, segments, e, n, dtype=torch.float32)
     dD_part, dbias_part = (x.new_empty(b, segments, e, dtype=torch.float32) for _ in range(2))
@@ -215,6 +218,20 @@ def selective_scan_bwd(
         like(dbias_part.sum((0, 1)), dt_bias),
         like(dinit, initial_state),
     )
+
+
+def _backward_segments(programs, n_chunks, device):
+    """How many segments to split each sequence into for the backward, given its programs per segment: the
+    count that minimises waves x chunks per program (x 1 + _CARRY_COST when split), the GPU running
+    SMs x _BWD_PROGRAMS_PER_SM programs at once. One where the GPU is unknown (the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    slots = torch.cuda.get_device_properties(device).multi_processor_count * _BWD_PROGRAMS_PER_SM
+
+    def cost(s):
+        return triton.cdiv(programs * s, slots) * triton.cdiv(n_chunks, s) * (1 + _CARRY_COST * (s > 1))
+
+    return min(range(1, min(n_chunks, _MAX_SEGMENTS) + 1), key=cost)
 
 
 def _segment_carries(seg_dstate, seg_dt, A, dfinal):

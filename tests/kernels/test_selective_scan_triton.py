@@ -86,10 +86,10 @@ def check_against_reference(kw, softplus, chunk, tol):
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_forward_and_gradients(case, channel_blocks, monkeypatch):
     """Tiny batches get one channel per forward program; "full" keeps the forward's 8-channel blocks (with
-    partly masked ones), as on a GPU-sized batch. The backward walks each sequence in one program."""
+    partly masked ones), as on a GPU-sized batch. The backward walks each sequence in one program (no GPU
+    to size segments for)."""
     if channel_blocks == "full":
         monkeypatch.setattr(kernels, "_FWD_MIN_PROGRAMS", 0)
-    monkeypatch.setattr(kernels, "_BWD_MIN_PROGRAMS", 0)
     b, l, e, n, chunk, has_d, has_z, has_bias, softplus, has_init, dt_scale = CASES[case]
     kw = make_inputs(b, l, e, n, has_d, has_z, has_bias, has_init, dt_scale)
     check_against_reference(kw, softplus, chunk, TOL)
@@ -103,7 +103,7 @@ def test_backward_on_sequence_segments(case, chunks_per_segment, monkeypatch):
     chunk 8), or 3 of 2 chunks (23 steps, chunk 4), each started from the carry the later ones pass back."""
     b, l, e, n, chunk, has_d, has_z, has_bias, softplus, has_init, dt_scale = CASES[case]
     segments = -(-l // chunk) // chunks_per_segment
-    monkeypatch.setattr(kernels, "_BWD_MIN_PROGRAMS", b * -(-e // kernels._BWD_CHANNELS) * segments)
+    monkeypatch.setattr(kernels, "_backward_segments", lambda programs, n_chunks, device: segments)
     kw = make_inputs(b, l, e, n, has_d, has_z, has_bias, has_init, dt_scale)
     check_against_reference(kw, softplus, chunk, TOL)
 
@@ -181,3 +181,20 @@ def test_selective_ssm_takes_the_triton_kernels_under_the_triton_selection():
     assert calls.count(("selective_scan", "triton")) == 1 and ("selective_scan_step", "triton") in calls
     assert_close(step, expected_step, TOL, "step")
     assert_close(state.ssm, expected_state.ssm, TOL, "state")
+
+
+def test_backward_segments_fill_the_waves():
+    """One segment where the programs fill whole waves or run many, more where the last wave would be mostly
+    empty (the H200's 132 SMs x 8 resident programs = 1056 slots)."""
+
+    class H200:
+        type = "cuda"
+
+    props = type("Props", (), {"multi_processor_count": 132})
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.cuda, "get_device_properties", lambda device: props)
+        segments = lambda programs, chunks: kernels._backward_segments(programs, chunks, H200)  # noqa: E731
+        assert segments(8 * 384, 128) == 1  # B8 E1536: 3072 programs, 2.9 waves
+        assert segments(2 * 512, 512) == 1  # B2 E2048: 1024 programs, one wave
+        assert segments(1 * 1280, 1024) > 8  # B1 E5120: 1280 programs, 1.2 waves
+    assert kernels._backward_segments(1280, 1024, torch.device("cpu")) == 1
