@@ -203,25 +203,32 @@ def sweep(b, l, e, n):
 
 
 def sweep_segments(b, l, e, n):
-    """Time forward+backward on one shape with the backward split into 1, 2, 4, 9 and 16 sequence segments,
-    and the count the kernels pick (_backward_segments)."""
+    """Time one shape with each direction split into 1, 2, 4, 9 and 16 sequence segments (the forward alone;
+    forward+backward with the forward as picked), next to the counts the kernels pick."""
     kw = make_inputs(b, l, e, n, torch.bfloat16, init=False)
     leaves = [v for v in kw.values() if v is not None]
     args = [kw[k] for k in ("x", "dt", "A", "B", "C", "D", "z")]
-    pick = kernels._backward_segments
-    blocks = triton.cdiv(e, min(triton.next_power_of_2(e), kernels._BWD_CHANNELS))
-    picked = pick(b * blocks, triton.cdiv(l, DEFAULT_CHUNK_SIZE), torch.device(DEVICE))
-    for segments in (1, 2, 4, 9, 16):
-        kernels._backward_segments = lambda programs, n_chunks, device, s=segments: s
 
-        def fn():
-            return kernels.selective_scan_triton(*args, dt_bias=kw["dt_bias"], dt_softplus=True)[0]
+    def fn():
+        return kernels.selective_scan_triton(*args, dt_bias=kw["dt_bias"], dt_softplus=True)[0]
 
-        tf, tb, _, mb = time_impl(fn, torch.randn_like(kw["x"]), leaves)
-        say(f"  B{b} L{l} E{e}: {segments:2d} segments{' (picked)' if segments == picked else ''}  "
-            f"fwd+bwd {tb:7.3f} ms  peak extra {mb:.2f} GiB")  # fmt: skip
-    kernels._backward_segments = pick
-    say(f"  B{b} L{l} E{e}: the kernels pick {picked} segments")
+    fwd_steps = max(DEFAULT_CHUNK_SIZE, min(kernels._FWD_CHUNK, 256 // triton.next_power_of_2(n)))
+    for side, steps, channels in (
+        ("_forward", fwd_steps, kernels._FWD_CHANNELS),
+        ("_backward", DEFAULT_CHUNK_SIZE, kernels._BWD_CHANNELS),
+    ):
+        pick = getattr(kernels, f"{side}_segments")
+        programs = b * triton.cdiv(e, min(triton.next_power_of_2(e), channels))
+        picked = pick(programs, triton.cdiv(l, steps), torch.device(DEVICE))
+        for segments in (1, 2, 4, 9, 16):
+            setattr(kernels, f"{side}_segments", lambda programs, n_chunks, device, s=segments: s)
+            tf, tb, _, mb = time_impl(fn, torch.randn_like(kw["x"]), leaves)
+            say(
+                f"  B{b} L{l} E{e} {side[1:]} {segments:2d} segments{' (picked)' if segments == picked else ''}"
+                f"  fwd {tf:7.3f} ms  fwd+bwd {tb:7.3f} ms  peak extra {mb:.2f} GiB"
+            )
+        setattr(kernels, f"{side}_segments", pick)
+        say(f"  B{b} L{l} E{e}: {side[1:]} picks {picked} segments")
 
 
 def load_mamba(peers):

@@ -26,8 +26,11 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # --sweep, docs/benchmarks.md.
 _FWD_CHUNK, _FWD_CHANNELS, _FWD_MIN_PROGRAMS, _FWD_WARPS = 16, 8, 2048, 1
 _BWD_CHANNELS, _BWD_WARPS = 4, 1
-_BWD_PROGRAMS_PER_SM = 8  # resident one-warp backward programs: ~255 registers each (ptxas), 65536 per SM
-_CARRY_COST = 0.25  # the carry-only launch's time relative to the full backward's (H200, B1 L16384 E5120)
+# Sequence segments (_segments): programs resident per SM and the carry-only launch's time relative to the full
+# launch's. Backward: ~255 registers a one-warp program (ptxas) leave 8 of 65536 per SM; its carry cost was
+# fitted on B1 L16384 E5120. Forward: placeholders pending a sweep.
+_BWD_PROGRAMS_PER_SM, _BWD_CARRY_COST = 8, 0.25
+_FWD_PROGRAMS_PER_SM, _FWD_CARRY_COST = 16, 0.6
 _MAX_SEGMENTS = 16
 
 
@@ -94,41 +97,33 @@ def selective_scan_fwd(
     b, l, e = x.shape
     n = A.shape[1]
     block_e, block_n = _blocks(e, n, _FWD_CHANNELS)
-    while block_e > 1 and b * triton.cdiv(e, block_e) < _FWD_MIN_PROGRAMS:
-        block_e //= 2  # a narrow batch: more programs of fewer channels keep the GPU busy
     steps = max(chunk_size, min(_FWD_CHUNK, 256 // block_n))  # steps per iteration; chunk_size divides it
+    n_iter = triton.cdiv(l, steps)
+    split = _forward_segments(b * triton.cdiv(e, block_e), n_iter, x.device)
+    while split == 1 and block_e > 1 and b * triton.cdiv(e, block_e) < _FWD_MIN_PROGRAMS:
+        block_e //= 2  # a narrow batch not worth splitting: more programs of fewer channels
+    blocks = triton.cdiv(e, block_e)
+    seg_chunks = triton.cdiv(n_iter, split)
+    segments = triton.cdiv(n_iter, seg_chunks)
     y = torch.empty_like(x)
     final = x.new_empty(b, e, n, dtype=torch.float32)
     states = x.new_empty(b, triton.cdiv(l, chunk_size) if keep_states else 0, e, n, dtype=torch.float32)
-    init = None if initial_state is None else initial_state.float().contiguous()
-    selective_scan_fwd_kernel[(b, triton.cdiv(e, block_e))](
-        x,
-        dt,
-        dt_bias,
-        A,
-        B,
-        C,
-        D,
-        z,
-        init,
-        y,
-        final,
-        states,
-        l,
-        e,
-        n,
-        CHUNK=steps,
-        BLOCK_E=block_e,
-        BLOCK_N=block_n,
-        HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=dt_softplus,
-        HAS_D=D is not None,
-        HAS_Z=z is not None,
-        HAS_INIT=init is not None,
-        STORE_STATES=keep_states,
-        STATE_CHUNK=chunk_size,
-        num_warps=_FWD_WARPS,
-    )
+
+    def launch(starts, seg_end=None, seg_dt=None):
+        selective_scan_fwd_kernel[(b, blocks, segments)](
+            x, dt, dt_bias, A, B, C, D, z, starts, y, final, states, seg_end, seg_dt, l, e, n, seg_chunks,
+            CHUNK=steps, BLOCK_E=block_e, BLOCK_N=block_n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_START=starts is not None, STORE_STATES=keep_states,
+            STATE_CHUNK=chunk_size, CARRY_ONLY=seg_end is not None, num_warps=_FWD_WARPS,
+        )  # fmt: skip
+
+    starts = None if initial_state is None else initial_state.float().contiguous().view(b, 1, e, n)
+    if segments > 1:
+        seg_end = x.new_empty(b, segments, e, n, dtype=torch.float32)
+        seg_dt = x.new_empty(b, segments, e, dtype=torch.float32)
+        launch(None, seg_end, seg_dt)
+        starts = _segment_starts(seg_end, seg_dt, A, starts)
+    launch(starts)
     return y, final, states
 
 
@@ -220,18 +215,35 @@ def selective_scan_bwd(
     )
 
 
-def _backward_segments(programs, n_chunks, device):
-    """How many segments to split each sequence into for the backward, given its programs per segment: the
-    count that minimises waves x chunks per program (x 1 + _CARRY_COST when split), the GPU running
-    SMs x _BWD_PROGRAMS_PER_SM programs at once. One where the GPU is unknown (the interpreter)."""
+def _segments(programs, n_chunks, device, per_sm, carry_cost):
+    """How many segments to split each sequence into, given the programs per segment: the count that minimises
+    waves x chunks per program (x 1 + carry_cost when split, for the carry-only launch), the GPU running
+    SMs x per_sm programs at once. One where the GPU is unknown (the interpreter)."""
     if device.type != "cuda":
         return 1
-    slots = torch.cuda.get_device_properties(device).multi_processor_count * _BWD_PROGRAMS_PER_SM
+    slots = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
 
     def cost(s):
-        return triton.cdiv(programs * s, slots) * triton.cdiv(n_chunks, s) * (1 + _CARRY_COST * (s > 1))
+        return triton.cdiv(programs * s, slots) * triton.cdiv(n_chunks, s) * (1 + carry_cost * (s > 1))
 
     return min(range(1, min(n_chunks, _MAX_SEGMENTS) + 1), key=cost)
+
+
+def _forward_segments(programs, n_chunks, device):
+    return _segments(programs, n_chunks, device, _FWD_PROGRAMS_PER_SM, _FWD_CARRY_COST)
+
+
+def _backward_segments(programs, n_chunks, device):
+    return _segments(programs, n_chunks, device, _BWD_PROGRAMS_PER_SM, _BWD_CARRY_COST)
+
+
+def _segment_starts(seg_end, seg_dt, A, init):
+    """The state before each segment, (b, S, e, n), from each segment's end state from a zero start, seg_end
+    (b, S, e, n), and its summed dt, seg_dt (b, S, e); init: (b, 1, e, n) or None."""
+    starts = [torch.zeros_like(seg_end[:, 0]) if init is None else init[:, 0]]
+    for s in range(1, seg_end.shape[1]):
+        starts.append(torch.exp(seg_dt[:, s - 1, :, None] * A.float()) * starts[-1] + seg_end[:, s - 1])
+    return torch.stack(starts, 1)
 
 
 def _segment_carries(seg_dstate, seg_dt, A, dfinal):

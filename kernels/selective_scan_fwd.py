@@ -1,4 +1,5 @@
-"""Selective scan forward: one program per (sequence, channel block) walks the chunks in order, the state in registers.
+"""Selective scan forward: one program per (sequence, channel block, segment) walks the segment's chunks in
+order, the state in registers.
 
 Inside a chunk the recurrence h_t = a_t h_{t-1} + u_t (a_t = exp(dt_t A), u_t = dt_t x_t B_t, all (n, e))
 is one associative scan over the (c, n, e) tile, the chunk's start state folded into u_1 (u_1 += a_1 h_start).
@@ -6,10 +7,14 @@ Tiles are (c, n, e) so that the channels lie across the lanes and each thread ho
 steps of its channels: the scan and the sums over n stay inside a thread, and the (c, e) values (dt, x, z)
 are not replicated across lanes.
 Only the chunk start states (when asked, for the backward) and the final state are written, never a per-step
-state. Reference: ``ssmblocks.ops.selective_scan.selective_scan_ref``; the dt preprocessing that ``load_dt``
-fuses is ``ssmblocks.kernels.selective_scan.prepare_dt_ref``.
-Shapes: x, dt, z, y: (b, l, e); A: (e, n); B, C: (b, l, n); D, dt_bias: (e,); init, final: (b, e, n);
-states: (b, ceil(l / s), e, n) for the backward's chunk s.
+state. Narrow batches split the sequence into segments of ``seg_chunks`` chunks: a first launch with
+CARRY_ONLY gives each segment's end state from a zero start (``seg_end``) and its summed dt (``seg_dt``), the
+caller chains them into each segment's start state (selective_scan.py), then the full launch runs every
+segment from its start. Reference: ``ssmblocks.ops.selective_scan.selective_scan_ref``; the dt
+preprocessing that ``load_dt`` fuses is ``ssmblocks.kernels.selective_scan.prepare_dt_ref``.
+Shapes: x, dt, z, y: (b, l, e); A: (e, n); B, C: (b, l, n); D, dt_bias: (e,); final: (b, e, n); starts,
+seg_end: (b, S, e, n), seg_dt: (b, S, e) for S segments; states: (b, ceil(l / s), e, n) for the backward's
+chunk s.
 """
 
 import triton
@@ -53,13 +58,16 @@ def selective_scan_fwd_kernel(
     C,
     D,
     z,
-    init,
+    starts,
     y,
     final,
     states,
+    seg_end,
+    seg_dt,
     seq_len,
     width,
     d_state,
+    seg_chunks,
     CHUNK: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -67,13 +75,15 @@ def selective_scan_fwd_kernel(
     SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
-    HAS_INIT: tl.constexpr,
+    HAS_START: tl.constexpr,
     STORE_STATES: tl.constexpr,
     STATE_CHUNK: tl.constexpr,
+    CARRY_ONLY: tl.constexpr,
 ):
     """Writes y, final[b] and, when STORE_STATES, states[b, j] = the state before step j * STATE_CHUNK (the
     backward's chunk, which divides CHUNK)."""
-    seq, block = tl.program_id(0), tl.program_id(1)
+    seq, block, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    part = seq * tl.num_programs(2) + seg  # this program's (sequence, segment) row
     offs_e = block * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, CHUNK)
@@ -87,17 +97,18 @@ def selective_scan_fwd_kernel(
         bias = tl.zeros((BLOCK_E,), tl.float32)
     if HAS_D:
         d_skip = tl.load(D + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-    if HAS_INIT:
-        state = tl.load(init + seq * width * d_state + ne, mask=mask_ne, other=0.0).to(tl.float32)
+    if HAS_START and not CARRY_ONLY:
+        state = tl.load(starts + part * width * d_state + ne, mask=mask_ne, other=0.0)
     else:
         state = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)
+    dt_sum = tl.zeros((BLOCK_E,), tl.float32)
     first = (offs_c == 0)[:, None, None]
     last = (offs_c == CHUNK - 1)[:, None, None]
     n_chunks = tl.cdiv(seq_len, CHUNK)
     n_states = tl.cdiv(seq_len, STATE_CHUNK)
     per_chunk: tl.constexpr = CHUNK // STATE_CHUNK
-    for k in range(n_chunks):
-        if STORE_STATES:
+    for k in range(seg * seg_chunks, tl.minimum((seg + 1) * seg_chunks, n_chunks)):
+        if STORE_STATES and not CARRY_ONLY:
             tl.store(states + (seq * n_states + k * per_chunk) * width * d_state + ne, state, mask=mask_ne)
         tok = seq * seq_len + k * CHUNK + offs_c
         mask_c = k * CHUNK + offs_c < seq_len
@@ -112,17 +123,25 @@ def selective_scan_fwd_kernel(
         u += tl.where(first, decay * state[None, :, :], 0.0)
         _, h = tl.associative_scan((decay, u), 0, first_order_combine)
         state = tl.sum(tl.where(last, h, 0.0), 0)  # padded rows carry the last real state
-        if STORE_STATES:
-            for j in tl.static_range(1, per_chunk):
-                inner = tl.sum(tl.where((offs_c == j * STATE_CHUNK - 1)[:, None, None], h, 0.0), 0)
-                at = k * per_chunk + j
-                tl.store(states + (seq * n_states + at) * width * d_state + ne, inner, mask=mask_ne & (at < n_states))
-        c_c = tl.load(C + tok[:, None] * d_state + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
-        out = tl.sum(h * c_c[:, :, None], 1)  # (c, e)
-        if HAS_D:
-            out += x_c * d_skip[None, :]
-        if HAS_Z:
-            z_c = tl.load(z + rows, mask=mask_ce, other=0.0).to(tl.float32)
-            out *= z_c * tl.sigmoid(z_c)
-        tl.store(y + rows, out.to(y.dtype.element_ty), mask=mask_ce)
-    tl.store(final + seq * width * d_state + ne, state, mask=mask_ne)
+        if CARRY_ONLY:
+            dt_sum += tl.sum(dt_c, 0)  # zero outside mask_ce
+        else:
+            if STORE_STATES:
+                for j in tl.static_range(1, per_chunk):
+                    inner = tl.sum(tl.where((offs_c == j * STATE_CHUNK - 1)[:, None, None], h, 0.0), 0)
+                    at = k * per_chunk + j
+                    at_ok = mask_ne & (at < n_states)
+                    tl.store(states + (seq * n_states + at) * width * d_state + ne, inner, mask=at_ok)
+            c_c = tl.load(C + tok[:, None] * d_state + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
+            out = tl.sum(h * c_c[:, :, None], 1)  # (c, e)
+            if HAS_D:
+                out += x_c * d_skip[None, :]
+            if HAS_Z:
+                z_c = tl.load(z + rows, mask=mask_ce, other=0.0).to(tl.float32)
+                out *= z_c * tl.sigmoid(z_c)
+            tl.store(y + rows, out.to(y.dtype.element_ty), mask=mask_ce)
+    if CARRY_ONLY:
+        tl.store(seg_end + part * width * d_state + ne, state, mask=mask_ne)
+        tl.store(seg_dt + part * width + offs_e, dt_sum, mask=mask_e)
+    else:
+        tl.store(final + seq * width * d_state + ne, state, mask=mask_ne & (seg == tl.num_programs(2) - 1))

@@ -98,12 +98,15 @@ def test_forward_and_gradients(case, channel_blocks, monkeypatch):
 @pytest.mark.parametrize(
     ("case", "chunks_per_segment"), [("D-z-bias-softplus-init", 1), ("chunk4-D-z-bias-softplus", 2)]
 )
-def test_backward_on_sequence_segments(case, chunks_per_segment, monkeypatch):
-    """The backward split into segments, as for narrow batches on a GPU: 3 segments of 1 chunk (21 steps,
-    chunk 8), or 3 of 2 chunks (23 steps, chunk 4), each started from the carry the later ones pass back."""
+def test_sequence_segments(case, chunks_per_segment, monkeypatch):
+    """Both directions split into segments, as for narrow batches on a GPU, each started from the carry of
+    the segments before (forward) or after it (backward). The backward: 3 segments of 1 chunk (21 steps,
+    chunk 8), or 3 of 2 chunks (23 steps, chunk 4); the forward, which walks 16 steps an iteration: 2 segments
+    of one iteration each."""
     b, l, e, n, chunk, has_d, has_z, has_bias, softplus, has_init, dt_scale = CASES[case]
     segments = -(-l // chunk) // chunks_per_segment
     monkeypatch.setattr(kernels, "_backward_segments", lambda programs, n_chunks, device: segments)
+    monkeypatch.setattr(kernels, "_forward_segments", lambda programs, n_chunks, device: n_chunks)
     kw = make_inputs(b, l, e, n, has_d, has_z, has_bias, has_init, dt_scale)
     check_against_reference(kw, softplus, chunk, TOL)
 
