@@ -28,7 +28,8 @@ _FWD_CHUNK, _FWD_CHANNELS, _FWD_MIN_PROGRAMS, _FWD_WARPS = 16, 8, 2048, 1
 _BWD_CHANNELS, _BWD_WARPS = 4, 1
 # Sequence segments (_segments): programs resident per SM and the carry-only launch's time relative to the full
 # launch's. Backward: ~255 registers a one-warp program (ptxas) leave 8 of 65536 per SM; its carry cost was
-# fitted on B1 L16384 E5120. Forward: placeholders pending a sweep.
+# fitted on B1 L16384 E5120. Forward: a lighter program; with these values the counts picked on the H200 came
+# within 10 % of the best swept count on all three benchmark shapes (docs/benchmarks.md, 2026-12-03).
 _BWD_PROGRAMS_PER_SM, _BWD_CARRY_COST = 8, 0.25
 _FWD_PROGRAMS_PER_SM, _FWD_CARRY_COST = 16, 0.6
 _MAX_SEGMENTS = 16
