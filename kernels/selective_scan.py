@@ -4,7 +4,9 @@
 exactly ``ssmblocks.ops.selective_scan.selective_scan_ref(x, dt_eff, A, B, C, D, z, initial_state)`` (the
 reference) in float32 with a float32 state. Forward: one kernel (selective_scan_fwd.py), which under autograd
 also keeps each chunk's start state (float32, (b, l / c, e, n)) for the backward, one reverse kernel
-(selective_scan_bwd.py). ``selective_scan_step_triton`` is ``selective_scan_step_torch``
+(selective_scan_bwd.py). Where a batch is too narrow to fill the GPU, either kernel splits each sequence into
+segments (``_segments``): a carry-only launch, the carries chained here, then all segments at once.
+``selective_scan_step_triton`` is ``selective_scan_step_torch``
 (selective_scan_step.py).
 Shapes: x, dt, z: (b, l, e); A: (e, n); B, C: (b, l, n); D, dt_bias: (e,); initial_state, final_state: (b, e, n).
 """
