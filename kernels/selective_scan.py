@@ -120,13 +120,8 @@ def selective_scan_fwd(
             STATE_CHUNK=chunk_size, CARRY_ONLY=seg_end is not None, num_warps=_FWD_WARPS,
         )  # fmt: skip
 
-    starts = None if initial_state is None else initial_state.float().contiguous().view(b, 1, e, n)
-    if segments > 1:
-        seg_end = x.new_empty(b, segments, e, n, dtype=torch.float32)
-        seg_dt = x.new_empty(b, segments, e, dtype=torch.float32)
-        launch(None, seg_end, seg_dt)
-        starts = _segment_starts(seg_end, seg_dt, A, starts)
-    launch(starts)
+    init = None if initial_state is None else initial_state.float().contiguous().view(b, 1, e, n)
+    _launch_on_segments(launch, init, A, (b, segments, e, n), forward=True)
     return y, final, states
 
 
@@ -194,13 +189,8 @@ def selective_scan_bwd(
             HAS_INIT=dinit is not None, CARRY_ONLY=seg_dstate is not None, num_warps=_BWD_WARPS,
         )  # fmt: skip
 
-    carry = None if dfinal is None else dfinal.float().view(b, 1, e, n)
-    if segments > 1:
-        seg_dstate = x.new_empty(b, segments, e, n, dtype=torch.float32)
-        seg_dt = x.new_empty(b, segments, e, dtype=torch.float32)
-        launch(None, seg_dstate, seg_dt)
-        carry = _segment_carries(seg_dstate, seg_dt, A, carry)
-    launch(carry)
+    dlast = None if dfinal is None else dfinal.float().view(b, 1, e, n)
+    _launch_on_segments(launch, dlast, A, (b, segments, e, n), forward=False)
 
     def like(grad, t):
         return x.new_empty(0) if t is None else grad.to(t.dtype)
@@ -240,22 +230,25 @@ def _backward_segments(programs, n_chunks, device):
     return _segments(programs, n_chunks, device, _BWD_PROGRAMS_PER_SM, _BWD_CARRY_COST)
 
 
-def _segment_starts(seg_end, seg_dt, A, init):
-    """The state before each segment, (b, S, e, n), from each segment's end state from a zero start, seg_end
-    (b, S, e, n), and its summed dt, seg_dt (b, S, e); init: (b, 1, e, n) or None."""
-    starts = [torch.zeros_like(seg_end[:, 0]) if init is None else init[:, 0]]
-    for s in range(1, seg_end.shape[1]):
-        starts.append(torch.exp(seg_dt[:, s - 1, :, None] * A.float()) * starts[-1] + seg_end[:, s - 1])
-    return torch.stack(starts, 1)
-
-
-def _segment_carries(seg_dstate, seg_dt, A, dfinal):
-    """dL/d(state at the end of each segment), (b, S, e, n), from each segment's carry passed on from a zero
-    carry in, seg_dstate (b, S, e, n), and its summed dt, seg_dt (b, S, e); dfinal: (b, 1, e, n) or None."""
-    carries = [torch.zeros_like(seg_dstate[:, 0]) if dfinal is None else dfinal[:, 0]]
-    for s in range(seg_dstate.shape[1] - 1, 0, -1):
-        carries.append(seg_dstate[:, s] + torch.exp(seg_dt[:, s, :, None] * A.float()) * carries[-1])
-    return torch.stack(carries[::-1], 1)
+def _launch_on_segments(launch, edge, A, shape, forward):
+    """``launch(carry)`` runs a kernel on every segment, each from its carry ((b, S, e, n) or None: zeros).
+    With S > 1 segments, ``launch(None, local, seg_dt)`` first writes each segment's carry from a zero carry in,
+    local (b, S, e, n), and its summed dt, seg_dt (b, S, e); a segment passes a carry c on as
+    exp(A seg_dt) c + local, front to back (``forward``: states) or back to front (state gradients).
+    edge: (b, 1, e, n) or None, the carry into the first segment walked (initial state, or dL/d final state)."""
+    b, segments, e, n = shape
+    if segments == 1:
+        return launch(edge)
+    local, seg_dt = (
+        A.new_empty(b, segments, e, n, dtype=torch.float32),
+        A.new_empty(b, segments, e, dtype=torch.float32),
+    )
+    launch(None, local, seg_dt)
+    order = range(segments) if forward else range(segments - 1, -1, -1)
+    carries = {order[0]: torch.zeros_like(local[:, 0]) if edge is None else edge[:, 0]}
+    for prev, s in zip(order, order[1:], strict=False):
+        carries[s] = torch.exp(seg_dt[:, prev, :, None] * A.float()) * carries[prev] + local[:, prev]
+    launch(torch.stack([carries[s] for s in range(segments)], 1))
 
 
 @selective_scan_bwd.register_fake
