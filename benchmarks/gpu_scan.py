@@ -9,7 +9,7 @@ compare ``selective_scan_triton`` with the float32 torch implementation ``select
 call: raw dt with dt_bias and softplus, D, z) with ``triton.testing.do_bench`` medians against the torch path and
 mamba_ssm's ``selective_scan_fn`` (its CUDA extension ``selective_scan_cuda``, importable or under ``--peers``;
 never a dependency), with the peak memory each call adds. ``--sweep`` first times the kernels' chunk and tile
-settings on the first shape and the backward's split into sequence segments on all three. The log goes to
+settings on the first shape and the split into sequence segments (each direction) on all three. The log goes to
 DIR/gpu_scan.log.
 """
 
@@ -212,13 +212,11 @@ def sweep_segments(b, l, e, n):
     def fn():
         return kernels.selective_scan_triton(*args, dt_bias=kw["dt_bias"], dt_softplus=True)[0]
 
-    fwd_steps = max(DEFAULT_CHUNK_SIZE, min(kernels._FWD_CHUNK, 256 // triton.next_power_of_2(n)))
-    for side, steps, channels in (
-        ("_forward", fwd_steps, kernels._FWD_CHANNELS),
-        ("_backward", DEFAULT_CHUNK_SIZE, kernels._BWD_CHANNELS),
-    ):
+    for side, channels in (("_forward", kernels._FWD_CHANNELS), ("_backward", kernels._BWD_CHANNELS)):
+        block_e, block_n = kernels._blocks(e, n, channels)
+        steps = kernels._forward_steps(DEFAULT_CHUNK_SIZE, block_n) if side == "_forward" else DEFAULT_CHUNK_SIZE
         pick = getattr(kernels, f"{side}_segments")
-        programs = b * triton.cdiv(e, min(triton.next_power_of_2(e), channels))
+        programs = b * triton.cdiv(e, block_e)
         picked = pick(programs, triton.cdiv(l, steps), torch.device(DEVICE))
         for segments in (1, 2, 4, 9, 16):
             setattr(kernels, f"{side}_segments", lambda programs, n_chunks, device, s=segments: s)
@@ -272,7 +270,7 @@ def main():
     if opts.sweep:
         say("== sweep, B8 L2048 E1536 N16 bf16 ==")
         sweep(8, 2048, 1536, 16)
-        say("== sweep, backward sequence segments ==")
+        say("== sweep, sequence segments (forward, backward) ==")
         for shape in ((8, 2048, 1536, 16), (2, 8192, 2048, 16), (1, 16384, 5120, 16)):
             sweep_segments(*shape)
 

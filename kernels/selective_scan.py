@@ -22,10 +22,10 @@ from .selective_scan_step import selective_scan_step_kernel
 CHUNK_SIZES = (4, 8, 16, 32, 64)
 DEFAULT_CHUNK_SIZE = 16  # the backward's chunk, and the spacing of the states the forward keeps for it
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Per program, one warp: the forward walks 16 steps at a time over 8 channels, fewer when the batch is too
-# narrow to give _FWD_MIN_PROGRAMS programs; the backward walks chunk_size steps over 4 channels, on sequence
-# segments where that fills the GPU's waves better (_backward_segments). H200 sweeps of benchmarks/gpu_scan.py
-# --sweep, docs/benchmarks.md.
+# Per program, one warp: the forward walks 16 steps at a time over 8 channels; the backward walks chunk_size
+# steps over 4 channels. Either splits the sequence into segments where that fills the GPU's waves better
+# (_segments); a narrow batch the forward does not split gets fewer channels, for _FWD_MIN_PROGRAMS programs.
+# H200 sweeps of benchmarks/gpu_scan.py --sweep, docs/benchmarks.md.
 _FWD_CHUNK, _FWD_CHANNELS, _FWD_MIN_PROGRAMS, _FWD_WARPS = 16, 8, 2048, 1
 _BWD_CHANNELS, _BWD_WARPS = 4, 1
 # Sequence segments (_segments): programs resident per SM and the carry-only launch's time relative to the full
@@ -75,6 +75,11 @@ def _blocks(width, d_state, channels):
     return min(triton.next_power_of_2(width), channels), triton.next_power_of_2(d_state)
 
 
+def _forward_steps(chunk_size, block_n):
+    """Steps the forward walks an iteration: _FWD_CHUNK, fewer for large states; chunk_size divides it."""
+    return max(chunk_size, min(_FWD_CHUNK, 256 // block_n))
+
+
 def _contiguous(*tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
@@ -100,7 +105,7 @@ def selective_scan_fwd(
     b, l, e = x.shape
     n = A.shape[1]
     block_e, block_n = _blocks(e, n, _FWD_CHANNELS)
-    steps = max(chunk_size, min(_FWD_CHUNK, 256 // block_n))  # steps per iteration; chunk_size divides it
+    steps = _forward_steps(chunk_size, block_n)
     n_iter = triton.cdiv(l, steps)
     split = _forward_segments(b * triton.cdiv(e, block_e), n_iter, x.device)
     while split == 1 and block_e > 1 and b * triton.cdiv(e, block_e) < _FWD_MIN_PROGRAMS:

@@ -81,7 +81,7 @@ def selective_scan_bwd_kernel(
         d_skip = tl.load(D + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     else:
         d_skip = tl.zeros((BLOCK_E,), tl.float32)
-    if HAS_CARRY and not CARRY_ONLY:
+    if HAS_CARRY:  # never in CARRY_ONLY, which starts every segment from a zero carry
         dstate = tl.load(carry + part * width * d_state + ne, mask=mask_ne, other=0.0)
     else:
         dstate = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)  # dL/d(state after the chunk being walked)
@@ -92,8 +92,8 @@ def selective_scan_bwd_kernel(
     last = (offs_c == CHUNK - 1)[:, None, None]
     n_chunks = tl.cdiv(seq_len, CHUNK)
     seg_start, seg_end = seg * seg_chunks, tl.minimum((seg + 1) * seg_chunks, n_chunks)
-    for i in range(seg_start, seg_end):
-        k = seg_end - 1 - (i - seg_start)
+    for i in range(seg_end - seg_start):
+        k = seg_end - 1 - i
         pos = k * CHUNK + offs_c
         tok = seq * seq_len + pos
         mask_c = pos < seq_len

@@ -97,7 +97,7 @@ def selective_scan_fwd_kernel(
         bias = tl.zeros((BLOCK_E,), tl.float32)
     if HAS_D:
         d_skip = tl.load(D + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-    if HAS_START and not CARRY_ONLY:
+    if HAS_START:  # never in CARRY_ONLY, which starts every segment from zero
         state = tl.load(starts + part * width * d_state + ne, mask=mask_ne, other=0.0)
     else:
         state = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)

@@ -4,9 +4,10 @@ condition under which it may run.
 The kernels (torch.ops.ssmblocks_cpu.*; sources in ``cpp/``: one ``.cpp`` per kernel family, ``bindings.cpp``
 the op registrations, ``kernels.h`` and ``vectors.h`` the shared headers) are compiled into one library with
 torch.utils.cpp_extension on first use. Building needs a C++ compiler and ninja (a dependency: the pip package)
-and takes about a minute on two cores, once: the library lands in torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``), later processes load it from there, and it is rebuilt when the sources or the
-flags change (torch hashes the ``.cpp`` files and the flags; ninja rebuilds the files whose headers changed).
+and takes about a minute on two cores, once: the library lands in torch's extensions directory
+(``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), later processes load it from there, and
+it is rebuilt when the sources or the flags change (torch hashes the ``.cpp`` files and the flags; ninja
+rebuilds the files whose headers changed).
 When it cannot be built or loaded, every op keeps its torch implementation, after one warning per process. The
 kernels use the widest vector unit the CPU has (AVX-512, AVX2, else the baseline); ``SSMBLOCKS_CPU_VECTORS=avx2``
 or ``=baseline`` caps it for a process.
