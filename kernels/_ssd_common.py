@@ -67,13 +67,6 @@ def causal_decay(a_cum, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def mm_fp32(a, b, PRECISION: tl.constexpr):
-    """a @ b with float32 operands, for sums that cancel: "ieee" (exact) or "tf32x3" (three tf32 products,
-    near float32 accuracy on tensor cores)."""
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
-
-
-@triton.jit
 def mm(a, b, DOT_DTYPE: tl.constexpr):
     """a @ b with operands in DOT_DTYPE (the inputs' dtype) and a float32 result; exact float32 for float32."""
     if DOT_DTYPE == tl.float32:

@@ -4,8 +4,8 @@
 *dt_limit), exactly ``ssmblocks.ops.ssd.ssd_ref(x, dt_eff, A, B, C, D, z, initial_state)`` (the reference)
 in float32 with a float32 state. Forward: two kernels (ssd_state.py passes the state across chunks,
 ssd_scan.py writes the outputs); backward: the forward state pass again, then three kernels
-(ssd_state.py backwards, ssd_scan_bwd.py for dx/ddt/dz and for dB/dC); the forward keeps the chunk start
-states in x's dtype, the backward in float32.
+(ssd_state.py backwards, ssd_scan_bwd.py for dx/ddt/dz and for dB/dC). The chunk start states and their
+gradients are kept in x's dtype, the dots' operand dtype; every sum is float32.
 Shapes: x, z: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n); D: (h,) or (h, p);
 initial_state, final_state: (b, h, p, n), or (s, h, p, n) for s packed sequences (``cu_seqlens``).
 """
@@ -112,9 +112,9 @@ class _Layout:
         return self.chunk_table, self.chunk_cu, self.cu_seqlens
 
 
-def _state_pass(x, dt, dt_bias, A, B, initial_state, lay, dt_softplus, dt_min, dt_max, state_dtype):
-    """states: (k, h, p, n) in ``state_dtype``, the state before each chunk; final: (s, h, p, n) float32."""
-    states = x.new_empty(lay.n_chunks, lay.heads, lay.head_dim, lay.d_state, dtype=state_dtype)
+def _state_pass(x, dt, dt_bias, A, B, initial_state, lay, dt_softplus, dt_min, dt_max):
+    """states: (k, h, p, n) in x's dtype, the state before each chunk; final: (s, h, p, n) float32."""
+    states = x.new_empty(lay.n_chunks, lay.heads, lay.head_dim, lay.d_state)
     final = x.new_empty(lay.n_seq, lay.heads, lay.head_dim, lay.d_state, dtype=torch.float32)
     block_p = min(lay.block_p, 64)
     grid = (lay.n_seq, lay.heads, triton.cdiv(lay.head_dim, block_p) * triton.cdiv(lay.d_state, lay.block_n))
@@ -142,7 +142,7 @@ def ssd_chunk_scan_fwd(
     """y: (b, l, h, p) in x's dtype, final_state: (s, h, p, n) float32."""
     x, dt, A, B, C, D, z, dt_bias = _contiguous(x, dt, A, B, C, D, z, dt_bias)
     lay = _Layout(x, B, cu_seqlens, chunk_size)
-    states, final = _state_pass(x, dt, dt_bias, A, B, initial_state, lay, dt_softplus, dt_min, dt_max, x.dtype)
+    states, final = _state_pass(x, dt, dt_bias, A, B, initial_state, lay, dt_softplus, dt_min, dt_max)
     y = torch.empty_like(x)
     ssd_scan_fwd_kernel[(lay.n_chunks, lay.heads)](
         x, dt, dt_bias, A, B, C, D, z, states, y, lay.chunk_table, lay.cu_seqlens, *lay.args(), dt_min, dt_max,
@@ -172,7 +172,7 @@ def ssd_chunk_scan_bwd(
     the gradient of an absent optional input is an empty tensor."""
     dy, dfinal, x, dt, A, B, C, D, z, dt_bias = _contiguous(dy, dfinal, x, dt, A, B, C, D, z, dt_bias)
     lay = _Layout(x, B, cu_seqlens, chunk_size)
-    states, _ = _state_pass(x, dt, dt_bias, A, B, initial_state, lay, dt_softplus, dt_min, dt_max, torch.float32)
+    states, _ = _state_pass(x, dt, dt_bias, A, B, initial_state, lay, dt_softplus, dt_min, dt_max)
     dot_dtype = _DOT_DTYPES[x.dtype]
     flags = dict(CHUNK=lay.chunk, BLOCK_N=lay.block_n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
                  HAS_Z=z is not None, VARLEN=lay.varlen, DOT_DTYPE=dot_dtype)
@@ -196,8 +196,7 @@ def ssd_chunk_scan_bwd(
     ssd_scan_bwd_dx_kernel[(lay.n_chunks, lay.heads)](
         x, dt, dt_bias, A, B, C, D, z, dy, states, dstates, d_a_end, dx, ddt, dz, dA, dD, ddt_bias,
         lay.chunk_table, lay.cu_seqlens, *lay.args(), dt_min, dt_max, BLOCK_P=lay.block_p, HAS_D=D is not None,
-        D_PER_P=D is not None and D.dim() == 2, PRECISION="ieee" if x.dtype == torch.float32 else "tf32x3",
-        num_warps=lay.warps, num_stages=lay.stages, **flags,
+        D_PER_P=D is not None and D.dim() == 2, num_warps=lay.warps, num_stages=lay.stages, **flags,
     )
 
     dB, dC = torch.empty_like(B), torch.empty_like(C)

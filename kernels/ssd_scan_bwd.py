@@ -1,20 +1,22 @@
 """SSD chunk scan, backward: the gradients that one chunk's outputs and end state send to its inputs.
 
-With g = dL/dy before the gate, u = dt x and S, dS a chunk's start state and end-state gradient:
-    du = ((C B^T) * decay)^T g + exp(a_end - a_cum) B dS^T           -> dx, and dt through u
-    d a_cum = rowsum(g * y_ssd) - rowsum(u * du) (+ the end state's share at the chunk end) -> dt, A
-    dC = ((g u^T) * decay) B + exp(a_cum) g S,   dB = ((g u^T) * decay)^T C + exp(a_end - a_cum) u dS
-d a_cum is a difference of large terms, so the first kernel forms y_ssd and du with float32 operands
-(``PRECISION``) from float32 states. The first kernel owns one chunk of one head; the second one chunk of
-one group and sums over its heads, so dB and dC are written once, without atomics.
-Reference: autograd through ``ssmblocks.ops.ssd.ssd_ref``.
+With g = dL/dy before the gate, u = dt x, a = the cumulative log decay and S, dS a chunk's start state and
+end-state gradient:
+    du = ((C B^T) * decay)^T g + exp(a_end - a) B dS^T                        -> dx, and dt through u
+    dC = ((g u^T) * decay) B + exp(a) g S,   dB = ((g u^T) * decay)^T C + exp(a_end - a) u dS
+The gradient of each step's log decay dt_k A is formed as sums that do not cancel, so the dots can take the
+inputs' dtype: with M = (g u^T) * (C B^T) * decay, the gradient of the log decay between j and i,
+    dd_k = sum_{i >= k > j} M_ij + sum_{i >= k} g_i . exp(a_i) (C S)_i + sum_{i < k} u_i . du_state_i + d_a_end
+(the intra-chunk terms, the start state's share, the end state's share, the passing's share). The first
+kernel owns one chunk of one head; the second one chunk of one group and sums over its heads, so dB and dC
+are written once, without atomics. Reference: autograd through ``ssmblocks.ops.ssd.ssd_ref``.
 Shapes: x, z, dy: (t, h, p); dt: (t, h); B, C: (t, g, n); states, dstates: (k, h, p, n); d_a_end: (k, h).
 """
 
 import triton
 import triton.language as tl
 
-from ._ssd_common import causal_decay, chunk_dt, chunk_tokens, mm, mm_fp32
+from ._ssd_common import causal_decay, chunk_dt, chunk_tokens, mm
 
 
 @triton.jit
@@ -24,7 +26,7 @@ def ssd_scan_bwd_dx_kernel(
     seq_len, chunks_per_seq, heads, head_dim, ngroups, group_heads, d_state, dt_min, dt_max,
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Writes dx, dz and ddt (before the bias) of one chunk of one head; adds into dA, dD (h, p), ddt_bias."""
     k, head = tl.program_id(0), tl.program_id(1)
@@ -54,8 +56,8 @@ def ssd_scan_bwd_dx_kernel(
         state = tl.load(states + np_at, mask=mask_np, other=0.0)  # (n, p)
         dstate = tl.load(dstates + np_at, mask=mask_np, other=0.0)
         cb += mm(c_c, tl.trans(b_c), DOT_DTYPE)
-        y_state += mm_fp32(c_c, state, PRECISION)
-        du_state += mm_fp32(b_c, dstate, PRECISION)
+        y_state += mm(c_c, state, DOT_DTYPE)
+        du_state += mm(b_c, dstate, DOT_DTYPE)
 
     mask_cp = mask_c[:, None] & (offs_p[None, :] < head_dim)
     rows = tok[:, None] * heads * head_dim + head * head_dim + offs_p[None, :]
@@ -69,13 +71,16 @@ def ssd_scan_bwd_dx_kernel(
         g = dy_c
     cb = cb * causal_decay(a_cum, CHUNK)
     u = x_c * dt_c[:, None]
-    y_ssd = mm_fp32(cb, u, PRECISION) + y_state * tl.exp(a_cum)[:, None]
+    y_state = y_state * tl.exp(a_cum)[:, None]
     du_state = du_state * tl.exp(a_end - a_cum)[:, None]
-    du = mm_fp32(tl.trans(cb), g, PRECISION) + du_state
+    du = mm(tl.trans(cb), g, DOT_DTYPE) + du_state
 
-    d_a_cum = tl.sum(g * y_ssd, 1) - tl.sum(u * du, 1)
-    d_a_chunk = tl.sum(tl.sum(u * du_state, 1), 0) + tl.load(d_a_end + k * heads + head)
-    d_a = tl.cumsum(d_a_cum, 0, reverse=True) + d_a_chunk  # (c,): dL/d(dt_i A)
+    # dL/d(a_i - a_j), summed over the (i, j) that step k lies between: rows i >= k, then columns j < k
+    m_below = tl.cumsum(mm(g, tl.trans(u), DOT_DTYPE) * cb, 0, reverse=True)
+    d_a = tl.sum(tl.where(offs_c[None, :] < offs_c[:, None], m_below, 0.0), 1)
+    d_a += tl.cumsum(tl.sum(g * y_state, 1), 0, reverse=True)
+    u_du_state = tl.sum(u * du_state, 1)
+    d_a += tl.cumsum(u_du_state, 0) - u_du_state + tl.load(d_a_end + k * heads + head)  # (c,): dL/d(dt_k A)
     ddt_c = (tl.sum(du * x_c, 1) + d_a * a_head) * dt_slope
     tl.store(ddt + tok * heads + head, ddt_c, mask=mask_c)
     tl.atomic_add(dA + head, tl.sum(d_a * dt_c, 0), sem="relaxed")
@@ -83,16 +88,19 @@ def ssd_scan_bwd_dx_kernel(
         tl.atomic_add(ddt_bias + head, tl.sum(ddt_c, 0), sem="relaxed")
 
     dx_c = du * dt_c[:, None]
-    y_pre = y_ssd
+    if HAS_Z:
+        y_pre = mm(cb, u, DOT_DTYPE) + y_state  # the output before the gate
     if HAS_D:
         if D_PER_P:
             d_skip = tl.load(D + head * head_dim + offs_p, mask=offs_p < head_dim, other=0.0).to(tl.float32)
             dx_c += g * d_skip[None, :]
-            y_pre += x_c * d_skip[None, :]
+            if HAS_Z:
+                y_pre += x_c * d_skip[None, :]
         else:
             d_skip = tl.load(D + head).to(tl.float32)
             dx_c += g * d_skip
-            y_pre += x_c * d_skip
+            if HAS_Z:
+                y_pre += x_c * d_skip
         tl.atomic_add(dD + head * head_dim + offs_p, tl.sum(g * x_c, 0), mask=offs_p < head_dim, sem="relaxed")
     tl.store(dx + rows, dx_c.to(dx.dtype.element_ty), mask=mask_cp)
     if HAS_Z:
