@@ -5,8 +5,10 @@
 Checks (fresh random inputs, outputs allocated over NaN-poisoned memory, lengths not divisible by the chunk,
 a packed batch) compare ``ssd_chunked_triton`` with the float32 torch implementation ``ssd_scan_torch`` (after
 ``prepare_dt_ref``) by max-relative error. The benchmark times bf16 forward and forward+backward with
-``triton.testing.do_bench`` medians against mamba_ssm's ``mamba_chunk_scan_combined`` (its Triton source on
-``--peers``; never a dependency), with the peak memory each call adds. The log goes to DIR/gpu_ssd.log.
+``triton.testing.do_bench`` medians against mamba_ssm's ``mamba_chunk_scan_combined`` and fla's
+``chunk_simple_gla`` (their source on ``--peers``; never dependencies), with the peak memory each call adds.
+fla runs the same scan as a gated linear attention (q = C, k = B, v = dt x, log gate dt A, one head per head,
+the inputs laid out before timing) and is timed forward only. The log goes to DIR/gpu_ssd.log.
 """
 
 import argparse
@@ -117,7 +119,16 @@ def peak_extra(fn):
     return torch.cuda.max_memory_allocated() - base
 
 
-def bench_shape(label, b, l, h, p, g, n, mamba_combined, chunks):
+def fla_inputs(kw, h):
+    """chunk_simple_gla's (q, k, v, g) for the SSD inputs: B, C repeated to every head, v = dt x, g = dt A."""
+    dt = prepare_dt_ref(kw["dt"].detach(), kw["dt_bias"].detach(), True)
+    g = kw["B"].shape[2]
+    q, k = (t.detach().repeat_interleave(h // g, dim=2).contiguous() for t in (kw["C"], kw["B"]))
+    v = (kw["x"].detach() * dt[..., None]).to(kw["x"].dtype)
+    return q, k, v, (dt * kw["A"].detach()).contiguous()
+
+
+def bench_shape(label, b, l, h, p, g, n, mamba_combined, fla_gla, chunks):
     kw = make_inputs(b, l, h, p, g, n, torch.bfloat16, z=False, init=False)
     args = (kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"])
     leaves = [t for t in kw.values() if t is not None]
@@ -129,6 +140,13 @@ def bench_shape(label, b, l, h, p, g, n, mamba_combined, chunks):
         )[0]
     if mamba_combined is not None:
         impls["mamba_ssm c256"] = lambda: mamba_combined(*args, 256, D=kw["D"], dt_bias=kw["dt_bias"], dt_softplus=True)
+    if fla_gla is not None:
+        q, k, v, gate = fla_inputs(kw, h)
+        impls["fla c64 (fwd)"] = lambda: fla_gla(q, k, v, g=gate, scale=1.0)[0]
+        with torch.no_grad():
+            ours = ssd_chunked_triton(*args, dt_bias=kw["dt_bias"], dt_softplus=True)[0]
+            err = rel_err(impls["fla c64 (fwd)"](), ours)
+            say(f"  {label:28s} fla's output against ours (no D): max-relative {err:.1e}")
     rows = {}
     for name, fn in impls.items():
 
@@ -139,6 +157,10 @@ def bench_shape(label, b, l, h, p, g, n, mamba_combined, chunks):
             fn()
             t_fwd = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
             m_fwd = peak_extra(fn)
+        if name.endswith("(fwd)"):
+            rows[name] = (t_fwd, float("nan"), m_fwd / 2**30, float("nan"))
+            say(f"  {label:28s} {name:16s} fwd {t_fwd:7.3f} ms  peak extra {m_fwd / 2**30:5.2f} GiB")
+            continue
         fwd_bwd()
         t_bwd = triton.testing.do_bench(fwd_bwd, warmup=10, rep=50, grad_to_none=leaves, return_mode="median")
         m_bwd = peak_extra(fwd_bwd)
@@ -179,10 +201,15 @@ def main():
                 ok &= check(name, shape, dtype, tol, **extra)
     say("correctness:", "all PASS" if ok else "some FAIL")
 
-    mamba_combined = None
+    mamba_combined = fla_gla = None
     if opts.peers:
         sys.path.insert(0, opts.peers)
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as mamba_combined
+
+        try:
+            from fla.ops.simple_gla import chunk_simple_gla as fla_gla
+        except ImportError as error:
+            say(f"fla not timed: {error}")
 
     say("== benchmark, bf16, do_bench medians ==")
     shapes = [
@@ -192,7 +219,7 @@ def main():
     ]
     table = []
     for label, shape in shapes:
-        rows = bench_shape(label, *shape, mamba_combined, chunks=opts.chunks)
+        rows = bench_shape(label, *shape, mamba_combined, fla_gla, chunks=opts.chunks)
         table.append((label, rows))
         torch.cuda.empty_cache()
 
@@ -202,6 +229,7 @@ def main():
         peer = rows.get("mamba_ssm c256")
         for name, (tf, tb, mf, mb) in rows.items():
             ratio = f"{peer[0] / tf:.2f} | {peer[1] / tb:.2f}" if peer else "- | -"
+            ratio = ratio.replace("nan", "-")
             say(f"| {label} | {name} | {tf:.3f} | {tb:.3f} | {mf:.2f} | {mb:.2f} | {ratio} |")
     say("(x = mamba_ssm time / this time; > 1 is faster than mamba_ssm)")
     Path(opts.out).mkdir(parents=True, exist_ok=True)
