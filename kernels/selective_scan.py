@@ -5,7 +5,7 @@ exactly ``ssmblocks.ops.selective_scan.selective_scan_ref(x, dt_eff, A, B, C, D,
 reference) in float32 with a float32 state. Forward: one kernel (selective_scan_fwd.py), which under autograd
 also keeps each chunk's start state (float32, (b, l / c, e, n)) for the backward, one reverse kernel
 (selective_scan_bwd.py). Where a batch is too narrow to fill the GPU, either kernel splits each sequence into
-segments (``_segments``): a carry-only launch, the carries chained here, then all segments at once.
+segments (_segments.py): a carry-only launch, the carries chained, then all segments at once.
 ``selective_scan_step_triton`` is ``selective_scan_step_torch``
 (selective_scan_step.py).
 Shapes: x, dt, z: (b, l, e); A: (e, n); B, C: (b, l, n); D, dt_bias: (e,); initial_state, final_state: (b, e, n).
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from ._segments import count_segments, launch_on_segments
 from .selective_scan_bwd import selective_scan_bwd_kernel
 from .selective_scan_fwd import selective_scan_fwd_kernel
 from .selective_scan_step import selective_scan_step_kernel
@@ -24,17 +25,16 @@ DEFAULT_CHUNK_SIZE = 16  # the backward's chunk, and the spacing of the states t
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Per program, one warp: the forward walks 16 steps at a time over 8 channels; the backward walks chunk_size
 # steps over 4 channels. Either splits the sequence into segments where that fills the GPU's waves better
-# (_segments); a narrow batch the forward does not split gets fewer channels, for _FWD_MIN_PROGRAMS programs.
+# (_segments.py); a narrow batch the forward does not split gets fewer channels, for _FWD_MIN_PROGRAMS programs.
 # H200 sweeps of benchmarks/gpu_scan.py --sweep, docs/benchmarks.md.
 _FWD_CHUNK, _FWD_CHANNELS, _FWD_MIN_PROGRAMS, _FWD_WARPS = 16, 8, 2048, 1
 _BWD_CHANNELS, _BWD_WARPS = 4, 1
-# Sequence segments (_segments): programs resident per SM and the carry-only launch's time relative to the full
+# Sequence segments (_segments.py): programs resident per SM and the carry-only launch's time relative to the full
 # launch's. Backward: ~255 registers a one-warp program (ptxas) leave 8 of 65536 per SM; its carry cost was
 # fitted on B1 L16384 E5120. Forward: a lighter program; with these values the counts picked on the H200 came
 # within 10 % of the best swept count on all three benchmark shapes (docs/benchmarks.md, 2026-12-03).
 _BWD_PROGRAMS_PER_SM, _BWD_CARRY_COST = 8, 0.25
 _FWD_PROGRAMS_PER_SM, _FWD_CARRY_COST = 16, 0.6
-_MAX_SEGMENTS = 16
 
 
 def prepare_dt_ref(dt, dt_bias=None, dt_softplus=False):
@@ -213,47 +213,21 @@ def selective_scan_bwd(
     )
 
 
-def _segments(programs, n_chunks, device, per_sm, carry_cost):
-    """How many segments to split each sequence into, given the programs per segment: the count that minimises
-    waves x chunks per program (x 1 + carry_cost when split, for the carry-only launch), the GPU running
-    SMs x per_sm programs at once. One where the GPU is unknown (the interpreter)."""
-    if device.type != "cuda":
-        return 1
-    slots = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
-
-    def cost(s):
-        return triton.cdiv(programs * s, slots) * triton.cdiv(n_chunks, s) * (1 + carry_cost * (s > 1))
-
-    return min(range(1, min(n_chunks, _MAX_SEGMENTS) + 1), key=cost)
-
-
 def _forward_segments(programs, n_chunks, device):
-    return _segments(programs, n_chunks, device, _FWD_PROGRAMS_PER_SM, _FWD_CARRY_COST)
+    return count_segments(programs, n_chunks, device, _FWD_PROGRAMS_PER_SM, _FWD_CARRY_COST)
 
 
 def _backward_segments(programs, n_chunks, device):
-    return _segments(programs, n_chunks, device, _BWD_PROGRAMS_PER_SM, _BWD_CARRY_COST)
+    return count_segments(programs, n_chunks, device, _BWD_PROGRAMS_PER_SM, _BWD_CARRY_COST)
 
 
 def _launch_on_segments(launch, edge, A, shape, forward):
-    """``launch(carry)`` runs a kernel on every segment, each from its carry ((b, S, e, n) or None: zeros).
-    With S > 1 segments, ``launch(None, local, seg_dt)`` first writes each segment's carry from a zero carry in,
-    local (b, S, e, n), and its summed dt, seg_dt (b, S, e); a segment passes a carry c on as
-    exp(A seg_dt) c + local, front to back (``forward``: states) or back to front (state gradients).
-    edge: (b, 1, e, n) or None, the carry into the first segment walked (initial state, or dL/d final state)."""
-    b, segments, e, n = shape
-    if segments == 1:
-        return launch(edge)
-    local, seg_dt = (
-        A.new_empty(b, segments, e, n, dtype=torch.float32),
-        A.new_empty(b, segments, e, dtype=torch.float32),
-    )
-    launch(None, local, seg_dt)
-    order = range(segments) if forward else range(segments - 1, -1, -1)
-    carries = {order[0]: torch.zeros_like(local[:, 0]) if edge is None else edge[:, 0]}
-    for prev, s in zip(order, order[1:], strict=False):
-        carries[s] = torch.exp(seg_dt[:, prev, :, None] * A.float()) * carries[prev] + local[:, prev]
-    launch(torch.stack([carries[s] for s in range(segments)], 1))
+    """Segments of (b, S, e, n) states; a segment's carry decays by exp(A seg_dt), seg_dt (b, S, e) its summed dt."""
+
+    def decay(seg_dt):
+        return torch.exp(seg_dt[..., None] * A.float())
+
+    return launch_on_segments(launch, edge, decay, shape, shape[2:3], forward, A.device)
 
 
 @selective_scan_bwd.register_fake
