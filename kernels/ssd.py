@@ -2,11 +2,11 @@
 
 ``ssd_chunked_triton`` computes, with dt_eff = clamp(softplus(dt + dt_bias) if dt_softplus else dt + dt_bias,
 *dt_limit), exactly ``ssmblocks.ops.ssd.ssd_ref(x, dt_eff, A, B, C, D, z, initial_state)`` (the reference)
-in float32 with a float32 state. Forward: one kernel (ssd_scan.py) that keeps the state in registers and
-writes no chunk state. Backward: the chunk start states (ssd_state.py), their gradients (ssd_state.py
-backwards), then dx/ddt/dz and dB/dC (ssd_scan_bwd.py); the states and their gradients are kept in x's dtype,
-the dots' operand dtype; every sum is float32. Where a batch is too narrow to fill the GPU, the kernels that
-walk a sequence in order walk it in segments (_segments.py), the state kernels giving each segment's carry.
+in float32 with a float32 state. Forward: the chunk start states (ssd_state.py), then every chunk's outputs
+in parallel (ssd_scan.py). Backward: the states again, their gradients (ssd_state.py backwards), then
+dx/ddt/dz and dB/dC (ssd_scan_bwd.py); the states and their gradients are kept in x's dtype, the dots'
+operand dtype; every sum is float32. Where a batch is too narrow to fill the GPU, the state kernels walk a
+sequence in segments (_segments.py), a carry-only launch giving each segment its start.
 Shapes: x, z: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n); D: (h,) or (h, p);
 initial_state, final_state: (b, h, p, n), or (s, h, p, n) for s packed sequences (``cu_seqlens``).
 """
@@ -24,12 +24,9 @@ from .ssd_state import ssd_state_bwd_kernel, ssd_state_fwd_kernel
 CHUNK_SIZES = (16, 32, 64, 128)
 DEFAULT_CHUNK_SIZE = 64
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-# Sequence segments (_segments.py): programs resident per SM and the carry-only launch's time relative to the full
-# launch's. The one-pass forward holds a (p, n) state of up to 8192 float32 on 8 warps; the state kernels a
-# (64, 64) tile on 4 warps, and their carry-only launch does nearly all the full launch's work.
-_SCAN_PROGRAMS_PER_SM, _SCAN_CARRY_COST = 2, 0.4
+# Sequence segments (_segments.py): the state kernels' programs resident per SM ((64, 64) tiles on 4 warps) and
+# their carry-only launch's time relative to the full launch's (it does nearly all the work).
 _STATE_PROGRAMS_PER_SM, _STATE_CARRY_COST = 4, 0.8
-_SCAN_STATE_ELEMENTS = 8192
 
 
 def prepare_dt_ref(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
@@ -111,11 +108,6 @@ class _Layout:
         self.warps = 4 if chunk_size <= 64 else 8
         # software-pipeline stages that fit the shared memory with float32 tiles or wide heads
         self.stages = 1 if x.dtype == torch.float32 or self.block_p > 64 else 2
-        # the one-pass forward holds the whole (p tile, d_state) state; the state kernels (64, 64) tiles
-        self.scan_block_n = max(16, triton.next_power_of_2(self.d_state))
-        self.scan_block_p = min(self.block_p, max(16, _SCAN_STATE_ELEMENTS // self.scan_block_n))
-        self.scan_tiles = triton.cdiv(self.head_dim, self.scan_block_p)
-        self.scan_warps = 8 if self.scan_block_p * self.scan_block_n >= _SCAN_STATE_ELEMENTS else 4
         self.state_block_p = min(self.block_p, 64)
         self.state_tiles = triton.cdiv(self.head_dim, self.state_block_p) * triton.cdiv(self.d_state, self.block_n)
 
@@ -127,12 +119,12 @@ class _Layout:
     def tables(self):
         return self.chunk_table, self.chunk_cu, self.cu_seqlens
 
-    def segments(self, programs, per_sm, carry_cost):
-        """(segments a sequence, chunks a segment) for a walking kernel of ``programs`` programs a sequence; a
-        packed batch is not split."""
+    def segments(self):
+        """(segments a sequence, chunks a segment) for the state kernels; a packed batch is not split."""
         if self.varlen:
             return 1, 0
-        split = count_segments(self.n_seq * programs, self.chunks_per_seq, self.device, per_sm, carry_cost)
+        programs = self.n_seq * self.heads * self.state_tiles
+        split = count_segments(programs, self.chunks_per_seq, self.device, _STATE_PROGRAMS_PER_SM, _STATE_CARRY_COST)
         seg_chunks = triton.cdiv(self.chunks_per_seq, split)
         return triton.cdiv(self.chunks_per_seq, seg_chunks), seg_chunks
 
@@ -150,10 +142,11 @@ def _edge(t, lay):
     return None if t is None else t.float().contiguous().view(lay.n_seq, 1, lay.heads, lay.head_dim, lay.d_state)
 
 
-def _state_launch(x, dt, dt_bias, A, B, lay, segs, seg_chunks, dt_softplus, dt_min, dt_max, states, ends):
-    """``launch(starts, local=None, seg_a=None)`` of the state kernel for launch_on_segments: with ``local``,
-    each segment's end state from a zero start and its total log decay; else the states before every chunk
-    into ``states`` (None: not written) and each run's end state into ``ends``."""
+def _chunk_states(x, dt, dt_bias, A, B, initial_state, lay, segs, seg_chunks, dt_softplus, dt_min, dt_max):
+    """The state before every chunk, (k, h, p, n) in x's dtype, and each sequence's final state, (s, h, p, n)
+    float32: segments' carries first (carry-only launch), then every segment from its start."""
+    states = x.new_empty(lay.state_shape(lay.n_chunks))
+    ends = x.new_empty(lay.state_shape(lay.n_seq * segs), dtype=torch.float32)
 
     def launch(starts, local=None, seg_a=None):
         carry_only = local is not None
@@ -164,7 +157,9 @@ def _state_launch(x, dt, dt_bias, A, B, lay, segs, seg_chunks, dt_softplus, dt_m
             CARRY_ONLY=carry_only, VARLEN=lay.varlen, DOT_DTYPE=_DOT_DTYPES[x.dtype], num_warps=4,
         )  # fmt: skip
 
-    return launch
+    shape = (lay.n_seq, segs, *lay.state_shape(1)[1:])
+    launch_on_segments(launch, _edge(initial_state, lay), _decay, shape, (lay.heads,), True, x.device)
+    return states, ends.view(shape)[:, -1]
 
 
 def _contiguous(*tensors):
@@ -181,25 +176,16 @@ def ssd_chunk_scan_fwd(
     """y: (b, l, h, p) in x's dtype, final_state: (s, h, p, n) float32."""
     x, dt, A, B, C, D, z, dt_bias = _contiguous(x, dt, A, B, C, D, z, dt_bias)
     lay = _Layout(x, B, cu_seqlens, chunk_size)
-    segs, seg_chunks = lay.segments(lay.heads * lay.scan_tiles, _SCAN_PROGRAMS_PER_SM, _SCAN_CARRY_COST)
-    carry = _state_launch(x, dt, dt_bias, A, B, lay, segs, seg_chunks, dt_softplus, dt_min, dt_max, None, None)
+    states, final = _chunk_states(x, dt, dt_bias, A, B, initial_state, lay, *lay.segments(), dt_softplus, dt_min,
+                                  dt_max)
     y = torch.empty_like(x)
-    ends = x.new_empty(lay.state_shape(lay.n_seq * segs), dtype=torch.float32)
-
-    def launch(starts, local=None, seg_a=None):
-        if local is not None:
-            return carry(None, local, seg_a)
-        ssd_scan_fwd_kernel[(lay.n_seq * segs, lay.heads, lay.scan_tiles)](
-            x, dt, dt_bias, A, B, C, D, z, starts, y, ends, *lay.tables(), *lay.args(), seg_chunks, segs,
-            dt_min, dt_max, CHUNK=lay.chunk, BLOCK_P=lay.scan_block_p, BLOCK_N=lay.scan_block_n,
-            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_D=D is not None,
-            D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None, HAS_START=starts is not None,
-            VARLEN=lay.varlen, DOT_DTYPE=_DOT_DTYPES[x.dtype], num_warps=lay.scan_warps, num_stages=2,
-        )  # fmt: skip
-
-    shape = (lay.n_seq, segs, *lay.state_shape(1)[1:])
-    launch_on_segments(launch, _edge(initial_state, lay), _decay, shape, (lay.heads,), True, x.device)
-    return y, ends.view(shape)[:, -1]
+    ssd_scan_fwd_kernel[(lay.n_chunks, lay.heads)](
+        x, dt, dt_bias, A, B, C, D, z, states, y, lay.chunk_table, lay.cu_seqlens, *lay.args(), dt_min, dt_max,
+        CHUNK=lay.chunk, BLOCK_P=lay.block_p, BLOCK_N=lay.block_n, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
+        VARLEN=lay.varlen, DOT_DTYPE=_DOT_DTYPES[x.dtype], num_warps=lay.warps, num_stages=lay.stages + 1,
+    )
+    return y, final
 
 
 @ssd_chunk_scan_fwd.register_fake
@@ -224,15 +210,9 @@ def ssd_chunk_scan_bwd(
     dot_dtype = _DOT_DTYPES[x.dtype]
     flags = dict(CHUNK=lay.chunk, BLOCK_N=lay.block_n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
                  HAS_Z=z is not None, VARLEN=lay.varlen, DOT_DTYPE=dot_dtype)
-    segs, seg_chunks = lay.segments(lay.heads * lay.state_tiles, _STATE_PROGRAMS_PER_SM, _STATE_CARRY_COST)
+    segs, seg_chunks = lay.segments()
     shape = (lay.n_seq, segs, *lay.state_shape(1)[1:])
-
-    states = x.new_empty(lay.state_shape(lay.n_chunks))
-    ends = x.new_empty(lay.state_shape(lay.n_seq * segs), dtype=torch.float32)
-    states_launch = _state_launch(
-        x, dt, dt_bias, A, B, lay, segs, seg_chunks, dt_softplus, dt_min, dt_max, states, ends
-    )
-    launch_on_segments(states_launch, _edge(initial_state, lay), _decay, shape, (lay.heads,), True, x.device)
+    states, _ = _chunk_states(x, dt, dt_bias, A, B, initial_state, lay, segs, seg_chunks, dt_softplus, dt_min, dt_max)
 
     dstates = torch.empty_like(states)
     d_a_end = torch.zeros(lay.n_chunks, lay.heads, device=x.device, dtype=torch.float32)

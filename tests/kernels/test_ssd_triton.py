@@ -89,21 +89,18 @@ def test_sequence_segments(case, segments, monkeypatch):
 
 
 def test_segments_fill_the_waves(monkeypatch):
-    """The H200's (132 SMs) benchmark shapes: the one-pass forward splits the B1 L16384 sequence (64 programs),
-    not B4 L4096 (256 programs, one wave); the state kernels split B1 only too."""
+    """The H200's (132 SMs) benchmark shapes: the state kernels split the B1 L16384 sequence (128 programs),
+    not B4 L4096 (512 programs, about one wave)."""
     props = type("Props", (), {"multi_processor_count": 132})()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
 
     def splits(b, l):
         lay = kernels._Layout(torch.empty(b, l, 64, 64), torch.empty(b, l, 1, 128), None, 64)
         lay.device = torch.device("cuda")
-        scan = lay.segments(lay.heads * lay.scan_tiles, kernels._SCAN_PROGRAMS_PER_SM, kernels._SCAN_CARRY_COST)
-        state = lay.segments(lay.heads * lay.state_tiles, kernels._STATE_PROGRAMS_PER_SM, kernels._STATE_CARRY_COST)
-        return scan[0], state[0]
+        return lay.segments()[0]
 
-    assert splits(4, 4096) == (1, 1)
-    one, state = splits(1, 16384)
-    assert one > 1 and state > 1
+    assert splits(4, 4096) == 1
+    assert splits(1, 16384) > 1
 
 
 def test_packed_sequences_match_separate_runs():
