@@ -2,8 +2,7 @@
 
 A chunk is ``CHUNK`` consecutive tokens of one sequence. Tokens are flattened to ``t = seq * l + pos`` for a
 batch of equal lengths, or taken as they lie in a packed batch (``VARLEN``): then ``chunk_table`` (k, 2) holds
-each chunk's sequence and first token, and ``chunk_cu`` (n + 1,) each sequence's first chunk. The kernels that
-walk a sequence's chunks in order may walk it in segments (_segments.py): a run is one segment of one sequence.
+each chunk's sequence and first token, and ``chunk_cu`` (n + 1,) each sequence's first chunk.
 The reference for the dt preprocessing is ``ssmblocks.kernels.ssd.prepare_dt_ref``.
 """
 
@@ -28,16 +27,14 @@ def chunk_tokens(chunk_table, cu_seqlens, k, seq_len, chunks_per_seq, CHUNK: tl.
 
 
 @triton.jit
-def run_chunks(chunk_cu, r, chunks_per_seq, seg_chunks, segments, VARLEN: tl.constexpr):
-    """First chunk and chunk count of run ``r``: segment r % segments of sequence r // segments, each segment
-    ``seg_chunks`` chunks (the last one shorter). A packed batch has one segment a sequence."""
+def seq_chunks(chunk_cu, s, chunks_per_seq, VARLEN: tl.constexpr):
+    """First chunk and chunk count of sequence ``s``."""
     if VARLEN:
-        first = tl.load(chunk_cu + r)
-        count = tl.load(chunk_cu + r + 1) - first
+        first = tl.load(chunk_cu + s)
+        count = tl.load(chunk_cu + s + 1) - first
     else:
-        seg = r % segments
-        first = (r // segments) * chunks_per_seq + seg * seg_chunks
-        count = tl.minimum(seg_chunks, chunks_per_seq - seg * seg_chunks)
+        first = s * chunks_per_seq
+        count = chunks_per_seq
     return first, count
 
 

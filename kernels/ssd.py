@@ -2,11 +2,10 @@
 
 ``ssd_chunked_triton`` computes, with dt_eff = clamp(softplus(dt + dt_bias) if dt_softplus else dt + dt_bias,
 *dt_limit), exactly ``ssmblocks.ops.ssd.ssd_ref(x, dt_eff, A, B, C, D, z, initial_state)`` (the reference)
-in float32 with a float32 state. Forward: the chunk start states (ssd_state.py), then every chunk's outputs
-in parallel (ssd_scan.py). Backward: the states again, their gradients (ssd_state.py backwards), then
-dx/ddt/dz and dB/dC (ssd_scan_bwd.py); the states and their gradients are kept in x's dtype, the dots'
-operand dtype; every sum is float32. Where a batch is too narrow to fill the GPU, the state kernels walk a
-sequence in segments (_segments.py), a carry-only launch giving each segment its start.
+in float32 with a float32 state. Forward: two kernels (ssd_state.py passes the state across chunks,
+ssd_scan.py writes the outputs); backward: the forward state pass again, then three kernels
+(ssd_state.py backwards, ssd_scan_bwd.py for dx/ddt/dz and for dB/dC). The chunk start states and their
+gradients are kept in x's dtype, the dots' operand dtype; every sum is float32.
 Shapes: x, z: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n); D: (h,) or (h, p);
 initial_state, final_state: (b, h, p, n), or (s, h, p, n) for s packed sequences (``cu_seqlens``).
 """
@@ -16,7 +15,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._segments import count_segments, launch_on_segments
 from .ssd_scan import ssd_scan_fwd_kernel
 from .ssd_scan_bwd import ssd_scan_bwd_dbc_kernel, ssd_scan_bwd_dx_kernel
 from .ssd_state import ssd_state_bwd_kernel, ssd_state_fwd_kernel
@@ -24,9 +22,6 @@ from .ssd_state import ssd_state_bwd_kernel, ssd_state_fwd_kernel
 CHUNK_SIZES = (16, 32, 64, 128)
 DEFAULT_CHUNK_SIZE = 64
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-# Sequence segments (_segments.py): the state kernels' programs resident per SM ((64, 64) tiles on 4 warps) and
-# their carry-only launch's time relative to the full launch's (it does nearly all the work).
-_STATE_PROGRAMS_PER_SM, _STATE_CARRY_COST = 4, 0.8
 
 
 def prepare_dt_ref(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
@@ -82,7 +77,6 @@ class _Layout:
         self.chunk = chunk_size
         self.seq_len = l
         self.varlen = cu_seqlens is not None
-        self.device = x.device
         if self.varlen:
             self.n_seq = cu_seqlens.numel() - 1
             self.chunks_per_seq = 0
@@ -108,8 +102,6 @@ class _Layout:
         self.warps = 4 if chunk_size <= 64 else 8
         # software-pipeline stages that fit the shared memory with float32 tiles or wide heads
         self.stages = 1 if x.dtype == torch.float32 or self.block_p > 64 else 2
-        self.state_block_p = min(self.block_p, 64)
-        self.state_tiles = triton.cdiv(self.head_dim, self.state_block_p) * triton.cdiv(self.d_state, self.block_n)
 
     def args(self):
         """The kernels' common scalar arguments, in their order."""
@@ -119,47 +111,21 @@ class _Layout:
     def tables(self):
         return self.chunk_table, self.chunk_cu, self.cu_seqlens
 
-    def segments(self):
-        """(segments a sequence, chunks a segment) for the state kernels; a packed batch is not split."""
-        if self.varlen:
-            return 1, 0
-        programs = self.n_seq * self.heads * self.state_tiles
-        split = count_segments(programs, self.chunks_per_seq, self.device, _STATE_PROGRAMS_PER_SM, _STATE_CARRY_COST)
-        seg_chunks = triton.cdiv(self.chunks_per_seq, split)
-        return triton.cdiv(self.chunks_per_seq, seg_chunks), seg_chunks
 
-    def state_shape(self, runs):
-        return (runs, self.heads, self.head_dim, self.d_state)
-
-
-def _decay(seg_a):
-    """A segment's carry multiplier from its total log decay: (s, h) -> (s, h, 1, 1)."""
-    return torch.exp(seg_a)[..., None, None]
-
-
-def _edge(t, lay):
-    """An initial state or a final-state gradient as the carry into the first run walked: (s, 1, h, p, n)."""
-    return None if t is None else t.float().contiguous().view(lay.n_seq, 1, lay.heads, lay.head_dim, lay.d_state)
-
-
-def _chunk_states(x, dt, dt_bias, A, B, initial_state, lay, segs, seg_chunks, dt_softplus, dt_min, dt_max):
-    """The state before every chunk, (k, h, p, n) in x's dtype, and each sequence's final state, (s, h, p, n)
-    float32: segments' carries first (carry-only launch), then every segment from its start."""
-    states = x.new_empty(lay.state_shape(lay.n_chunks))
-    ends = x.new_empty(lay.state_shape(lay.n_seq * segs), dtype=torch.float32)
-
-    def launch(starts, local=None, seg_a=None):
-        carry_only = local is not None
-        ssd_state_fwd_kernel[(lay.n_seq * segs, lay.heads, lay.state_tiles)](
-            x, dt, dt_bias, A, B, starts, states, local if carry_only else ends, seg_a, *lay.tables(), *lay.args(),
-            seg_chunks, segs, dt_min, dt_max, CHUNK=lay.chunk, BLOCK_P=lay.state_block_p, BLOCK_N=lay.block_n,
-            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_START=starts is not None,
-            CARRY_ONLY=carry_only, VARLEN=lay.varlen, DOT_DTYPE=_DOT_DTYPES[x.dtype], num_warps=4,
-        )  # fmt: skip
-
-    shape = (lay.n_seq, segs, *lay.state_shape(1)[1:])
-    launch_on_segments(launch, _edge(initial_state, lay), _decay, shape, (lay.heads,), True, x.device)
-    return states, ends.view(shape)[:, -1]
+def _state_pass(x, dt, dt_bias, A, B, initial_state, lay, dt_softplus, dt_min, dt_max):
+    """states: (k, h, p, n) in x's dtype, the state before each chunk; final: (s, h, p, n) float32."""
+    states = x.new_empty(lay.n_chunks, lay.heads, lay.head_dim, lay.d_state)
+    final = x.new_empty(lay.n_seq, lay.heads, lay.head_dim, lay.d_state, dtype=torch.float32)
+    block_p = min(lay.block_p, 64)
+    grid = (lay.n_seq, lay.heads, triton.cdiv(lay.head_dim, block_p) * triton.cdiv(lay.d_state, lay.block_n))
+    init = None if initial_state is None else initial_state.float().contiguous()
+    ssd_state_fwd_kernel[grid](
+        x, dt, dt_bias, A, B, init, states, final, *lay.tables(), *lay.args(), dt_min, dt_max,
+        CHUNK=lay.chunk, BLOCK_P=block_p, BLOCK_N=lay.block_n, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus, HAS_INIT=init is not None, VARLEN=lay.varlen, DOT_DTYPE=_DOT_DTYPES[x.dtype],
+        num_warps=4,
+    )
+    return states, final
 
 
 def _contiguous(*tensors):
@@ -176,8 +142,7 @@ def ssd_chunk_scan_fwd(
     """y: (b, l, h, p) in x's dtype, final_state: (s, h, p, n) float32."""
     x, dt, A, B, C, D, z, dt_bias = _contiguous(x, dt, A, B, C, D, z, dt_bias)
     lay = _Layout(x, B, cu_seqlens, chunk_size)
-    states, final = _chunk_states(x, dt, dt_bias, A, B, initial_state, lay, *lay.segments(), dt_softplus, dt_min,
-                                  dt_max)
+    states, final = _state_pass(x, dt, dt_bias, A, B, initial_state, lay, dt_softplus, dt_min, dt_max)
     y = torch.empty_like(x)
     ssd_scan_fwd_kernel[(lay.n_chunks, lay.heads)](
         x, dt, dt_bias, A, B, C, D, z, states, y, lay.chunk_table, lay.cu_seqlens, *lay.args(), dt_min, dt_max,
@@ -207,27 +172,21 @@ def ssd_chunk_scan_bwd(
     the gradient of an absent optional input is an empty tensor."""
     dy, dfinal, x, dt, A, B, C, D, z, dt_bias = _contiguous(dy, dfinal, x, dt, A, B, C, D, z, dt_bias)
     lay = _Layout(x, B, cu_seqlens, chunk_size)
+    states, _ = _state_pass(x, dt, dt_bias, A, B, initial_state, lay, dt_softplus, dt_min, dt_max)
     dot_dtype = _DOT_DTYPES[x.dtype]
     flags = dict(CHUNK=lay.chunk, BLOCK_N=lay.block_n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
                  HAS_Z=z is not None, VARLEN=lay.varlen, DOT_DTYPE=dot_dtype)
-    segs, seg_chunks = lay.segments()
-    shape = (lay.n_seq, segs, *lay.state_shape(1)[1:])
-    states, _ = _chunk_states(x, dt, dt_bias, A, B, initial_state, lay, segs, seg_chunks, dt_softplus, dt_min, dt_max)
 
     dstates = torch.empty_like(states)
     d_a_end = torch.zeros(lay.n_chunks, lay.heads, device=x.device, dtype=torch.float32)
-    dstarts = x.new_empty(lay.state_shape(lay.n_seq * segs), dtype=torch.float32)
-
-    def dstates_launch(dends, local=None, seg_a=None):
-        carry_only = local is not None
-        ssd_state_bwd_kernel[(lay.n_seq * segs, lay.heads, lay.state_tiles)](
-            dy, z, dt, dt_bias, A, C, states, dends, dstates, d_a_end, local if carry_only else dstarts, seg_a,
-            *lay.tables(), *lay.args(), seg_chunks, segs, dt_min, dt_max, BLOCK_P=lay.state_block_p,
-            HAS_DEND=dends is not None, STORE_DSTART=carry_only or initial_state is not None,
-            CARRY_ONLY=carry_only, num_warps=4, **flags,
-        )  # fmt: skip
-
-    launch_on_segments(dstates_launch, _edge(dfinal, lay), _decay, shape, (lay.heads,), False, x.device)
+    dinit = torch.empty(lay.n_seq, lay.heads, lay.head_dim, lay.d_state, device=x.device, dtype=torch.float32)
+    block_p = min(lay.block_p, 64)
+    grid = (lay.n_seq, lay.heads, triton.cdiv(lay.head_dim, block_p) * triton.cdiv(lay.d_state, lay.block_n))
+    ssd_state_bwd_kernel[grid](
+        dy, z, dt, dt_bias, A, C, states, dfinal, dstates, d_a_end, dinit, *lay.tables(), *lay.args(),
+        dt_min, dt_max, BLOCK_P=block_p, HAS_DFINAL=dfinal is not None, HAS_INIT=initial_state is not None,
+        num_warps=4, **flags,
+    )
 
     dx, dz = torch.empty_like(x), torch.empty_like(x) if z is not None else x.new_empty(0)
     ddt = torch.empty(dt.shape, device=x.device, dtype=torch.float32)
@@ -248,7 +207,7 @@ def ssd_chunk_scan_bwd(
 
     dD = x.new_empty(0) if D is None else (dD if D.dim() == 2 else dD.sum(1)).to(D.dtype)
     ddt_bias = x.new_empty(0) if dt_bias is None else ddt_bias.to(dt_bias.dtype)
-    dinit = x.new_empty(0) if initial_state is None else dstarts.view(shape)[:, 0].to(initial_state.dtype)
+    dinit = x.new_empty(0) if initial_state is None else dinit.to(initial_state.dtype)
     return dx, ddt.to(dt.dtype), dA.to(A.dtype), dB, dC, dD, dz, ddt_bias, dinit
 
 

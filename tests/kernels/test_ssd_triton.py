@@ -13,7 +13,6 @@ from ssmblocks.ops.ssd import ssd_ref
 from tests.helpers import assert_close
 
 pytest.importorskip("triton")
-from ssmblocks.kernels import ssd as kernels  # noqa: E402
 from ssmblocks.kernels.ssd import CHUNK_SIZES, prepare_dt_ref, ssd_chunked_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,8 +57,8 @@ def check_grads(kw, ref_leaves):
             assert_close(leaf.grad, ref_leaves[name].grad, TOL, f"d{name}")
 
 
-def check_case(case):
-    """Forward, final state and every gradient of one CASES entry against ssd_ref in float64."""
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_forward_and_gradients(case):
     b, l, h, p, g, n, chunk, d_shape, has_z, has_bias, softplus, dt_limit, has_init = CASES[case]
     kw = make_inputs(b, l, h, p, g, n, d_shape, has_z, has_bias, has_init)
     y, final = ssd_chunked_triton(**kw, dt_softplus=softplus, dt_limit=dt_limit, chunk_size=chunk)
@@ -72,35 +71,6 @@ def check_case(case):
     torch.autograd.backward((y, final), (dy.to(y), dfinal.to(final)))
     torch.autograd.backward((y_ref, final_ref), (dy, dfinal))
     check_grads(kw, ref_leaves)
-
-
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_forward_and_gradients(case):
-    check_case(case)
-
-
-@pytest.mark.parametrize(("case", "segments"), [("groups-Dhp-z-bias-softplus-limits-init", 3), ("plain", 2)])
-def test_sequence_segments(case, segments, monkeypatch):
-    """Every kernel that walks a sequence in order walks it in segments, as for narrow batches on a GPU, each
-    from the carry of the segments before it (states) or after it (state gradients): 3 segments of one chunk
-    (37 steps, chunk 16) with an initial state, or 2 segments of one and two chunks (21 steps, chunk 16)."""
-    monkeypatch.setattr(kernels, "count_segments", lambda programs, n_chunks, device, per_sm, cost: segments)
-    check_case(case)
-
-
-def test_segments_fill_the_waves(monkeypatch):
-    """The H200's (132 SMs) benchmark shapes: the state kernels split the B1 L16384 sequence (128 programs),
-    not B4 L4096 (512 programs, about one wave)."""
-    props = type("Props", (), {"multi_processor_count": 132})()
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-
-    def splits(b, l):
-        lay = kernels._Layout(torch.empty(b, l, 64, 64), torch.empty(b, l, 1, 128), None, 64)
-        lay.device = torch.device("cuda")
-        return lay.segments()[0]
-
-    assert splits(4, 4096) == 1
-    assert splits(1, 16384) > 1
 
 
 def test_packed_sequences_match_separate_runs():
