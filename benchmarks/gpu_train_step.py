@@ -54,12 +54,12 @@ def agreement(recipe, ids) -> None:
         results[selection] = (loss.item(), grads, sorted({f"{op}:{b}" for op, b in calls}))
     ref_loss, ref_grads, _ = results["torch"]
     loss, grads, ran = results["auto"]
-    worst = max(
-        ((grads[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in ref_grads.items() if g.norm() > 0
+    worst, worst_name = max(
+        (((grads[n] - g).norm() / g.norm()).item(), n) for n, g in ref_grads.items() if g.norm() > 0
     )
     say(f"auto ran: {', '.join(ran)}")
     say(f"loss torch {ref_loss:.5f}  auto {loss:.5f}  |diff| {abs(loss - ref_loss):.2e}")
-    say(f"largest relative gradient difference (norm), auto vs torch: {worst:.2e}")
+    say(f"largest relative gradient difference (norm), auto vs torch: {worst:.2e} ({worst_name})")
 
 
 def mamba_ssm_model(recipe, peers: str, dtype: torch.dtype = torch.float32):
