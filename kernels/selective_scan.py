@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import triton
 
 from ._segments import count_segments, launch_on_segments
+from ._slots import check_state_indices
 from .selective_scan_bwd import selective_scan_bwd_kernel
 from .selective_scan_fwd import selective_scan_fwd_kernel
 from .selective_scan_step import selective_scan_step_kernel
@@ -305,8 +306,9 @@ def selective_scan_step(
     state: torch.Tensor,
     D: torch.Tensor | None,
     z: torch.Tensor | None,
+    state_indices: torch.Tensor | None,
 ) -> torch.Tensor:
-    """y: (b, e) in x's dtype; ``state`` (b, e, n, contiguous) updated in place."""
+    """y: (b, e) in x's dtype; ``state`` (b, e, n, contiguous; or its slots state_indices) updated in place."""
     x, dt, A, B, C, D, z = _contiguous(x, dt, A, B, C, D, z)
     b, e = x.shape
     block_e, block_n = _blocks(e, A.shape[1], max(1, 1024 // triton.next_power_of_2(A.shape[1])))
@@ -320,6 +322,7 @@ def selective_scan_step(
         D,
         z,
         state,
+        state_indices,
         y,
         e,
         A.shape[1],
@@ -327,26 +330,30 @@ def selective_scan_step(
         BLOCK_N=block_n,
         HAS_D=D is not None,
         HAS_Z=z is not None,
+        HAS_SLOTS=state_indices is not None,
         num_warps=4,
     )
     return y
 
 
 @selective_scan_step.register_fake
-def _(x, dt, A, B, C, state, D, z):
+def _(x, dt, A, B, C, state, D, z, state_indices):
     return torch.empty_like(x)
 
 
-def selective_scan_step_triton(x, dt, A, B, C, state, D=None, z=None):
+def selective_scan_step_triton(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
     """``selective_scan_step_torch`` for a contiguous state: x, dt, z: (b, e); A: (e, n); B, C: (b, n);
-    D: (e,); state (b, e, n) updated in place. Returns y: (b, e) in x's dtype."""
+    D: (e,); state (b, e, n) updated in place, or with state_indices (b,) of distinct slots the pool state
+    (s, e, n) at those slots. Returns y: (b, e) in x's dtype."""
     b, e = x.shape
     n = A.shape[-1]
-    if A.shape != (e, n) or B.shape != (b, n) or C.shape != (b, n) or state.shape != (b, e, n):
+    rows = b if state_indices is None else state.shape[0]
+    if A.shape != (e, n) or B.shape != (b, n) or C.shape != (b, n) or state.shape != (rows, e, n):
         raise ValueError(
-            f"selective_scan_step: x (b, e) = {(b, e)} needs A (e, n), B and C (b, n), state (b, e, n); got "
+            f"selective_scan_step: x (b, e) = {(b, e)} needs A (e, n), B and C (b, n), state {(rows, e, n)}; got "
             f"A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}, state {tuple(state.shape)}"
         )
     if not state.is_contiguous():
         raise ValueError("selective_scan_step: the state must be contiguous (it is updated in place)")
-    return selective_scan_step(x, dt, A, B, C, state, D, z)
+    check_state_indices(state_indices, b, state)
+    return selective_scan_step(x, dt, A, B, C, state, D, z, state_indices)

@@ -2,7 +2,8 @@
 
 One program per (sequence, channel block); the state is read and written once, in its own dtype, and the
 arithmetic is float32. Reference: ``ssmblocks.ops.selective_scan.selective_scan_step_torch``.
-Shapes: x, dt, z, y: (b, e); A: (e, n); B, C: (b, n); D: (e,); state: (b, e, n).
+Shapes: x, dt, z, y: (b, e); A: (e, n); B, C: (b, n); D: (e,); state: (b, e, n), or a pool (s, e, n) with
+slots: (b,), row i's state at slot slots[i].
 """
 
 import triton
@@ -19,6 +20,7 @@ def selective_scan_step_kernel(
     D,
     z,
     state,
+    slots,
     y,
     width,
     d_state,
@@ -26,6 +28,7 @@ def selective_scan_step_kernel(
     BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
 ):
     seq, block = tl.program_id(0), tl.program_id(1)
     offs_e = block * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -38,7 +41,8 @@ def selective_scan_step_kernel(
     b_n = tl.load(B + seq * d_state + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     c_n = tl.load(C + seq * d_state + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     a_en = tl.load(A + en, mask=mask_en, other=0.0).to(tl.float32)
-    at = state + seq * width * d_state + en
+    slot = tl.load(slots + seq).to(tl.int64) if HAS_SLOTS else seq
+    at = state + slot * width * d_state + en
     h = tl.load(at, mask=mask_en, other=0.0).to(tl.float32)
     h = tl.exp(dt_e[:, None] * a_en) * h + (dt_e * x_e)[:, None] * b_n[None, :]
     tl.store(at, h.to(state.dtype.element_ty), mask=mask_en)

@@ -4,19 +4,22 @@ Reference: ``ssmblocks.ops.ssd.ssd_step_torch`` (same arguments and results; flo
 stored back in its own dtype, y from the float32 new state):
     state <- exp(dt A) state + dt x B^T;   y = state C + D x;   y *= silu(z)
 Shapes: x, z, y: (b, h, p); dt: (b, h); A: (h,); B, C: (b, g, n) with h / g heads per group; D: (h,) or (h, p);
-state: (b, h, p, n), contiguous.
+state: (b, h, p, n), contiguous, or a pool (s, h, p, n) with slots: (b,), row i's state at slot slots[i].
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from ._slots import check_state_indices
+
 
 @triton.jit
 def ssd_step_kernel(
-    x, dt, A, B, C, D, z, state, y, heads, head_dim, group_heads, d_state,
+    x, dt, A, B, C, D, z, state, slots, y, heads, head_dim, group_heads, d_state,
     stride_xb, stride_dtb, stride_bb, stride_cb, stride_zb,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
 ):  # fmt: skip
     """One (row, head, block of p): the whole d_state in one tile, so y is reduced here."""
     row, head, pblk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -29,7 +32,8 @@ def ssd_step_kernel(
     xv = tl.load(x + row * stride_xb + head * head_dim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     bv = tl.load(B + row * stride_bb + grp * d_state + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     cv = tl.load(C + row * stride_cb + grp * d_state + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    cells = state + ((row * heads + head) * head_dim + offs_p[:, None]) * d_state + offs_n[None, :]
+    slot = tl.load(slots + row).to(tl.int64) if HAS_SLOTS else row
+    cells = state + ((slot * heads + head) * head_dim + offs_p[:, None]) * d_state + offs_n[None, :]
     mask = mask_p[:, None] & mask_n[None, :]
     new = tl.load(cells, mask=mask, other=0.0).to(tl.float32) * decay + (dt_h * xv)[:, None] * bv[None, :]
     tl.store(cells, new.to(state.dtype.element_ty), mask=mask)
@@ -63,8 +67,9 @@ def ssd_step_op(
     state: torch.Tensor,
     D: torch.Tensor | None,
     z: torch.Tensor | None,
+    state_indices: torch.Tensor | None,
 ) -> torch.Tensor:
-    """y: (b, h, p) in x's dtype; state updated in place."""
+    """y: (b, h, p) in x's dtype; state (or its slots state_indices) updated in place."""
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
     x, dt, B, C, z = (_rows(t) for t in (x, dt, B, C, z))
@@ -73,16 +78,16 @@ def ssd_step_op(
     block_n = triton.next_power_of_2(n)
     block_p = min(triton.next_power_of_2(p), max(1, 4096 // block_n))
     ssd_step_kernel[(b, h, triton.cdiv(p, block_p))](
-        x, dt, A, B, C, D, z, state, y, h, p, h // g, n,
+        x, dt, A, B, C, D, z, state, state_indices, y, h, p, h // g, n,
         x.stride(0), dt.stride(0), B.stride(0), C.stride(0), 0 if z is None else z.stride(0),
         BLOCK_P=block_p, BLOCK_N=block_n, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-        HAS_Z=z is not None,
+        HAS_Z=z is not None, HAS_SLOTS=state_indices is not None,
     )  # fmt: skip
     return y
 
 
 @ssd_step_op.register_fake
-def _(x, dt, A, B, C, state, D, z):
+def _(x, dt, A, B, C, state, D, z, state_indices):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
@@ -95,9 +100,10 @@ def ssd_step_triton(
     state: torch.Tensor,
     D: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
+    state_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``ssd_step_torch`` on the kernel. Returns y: (b, h, p); state (b, h, p, n) is updated in place.
-    No gradient (decode)."""
+    """``ssd_step_torch`` on the kernel. Returns y: (b, h, p); state (b, h, p, n) is updated in place, or with
+    state_indices (b,) of distinct slots the pool state (s, h, p, n) at those slots. No gradient (decode)."""
     if x.dim() != 3:
         raise ValueError(f"x must be (b, h, p), got shape {tuple(x.shape)}")
     b, h, p = x.shape
@@ -106,10 +112,12 @@ def ssd_step_triton(
     if B.dim() != 3 or B.shape[0] != b or C.shape != B.shape or h % B.shape[1]:
         raise ValueError(f"B and C must be (b, g, n) with b = {b} and g dividing h = {h}; got {tuple(B.shape)}")
     n = B.shape[2]
-    if state.shape != (b, h, p, n) or not state.is_contiguous():
-        raise ValueError(f"state must be contiguous (b, h, p, n) = {(b, h, p, n)}, got {tuple(state.shape)}")
+    rows = b if state_indices is None else state.shape[0]
+    if state.shape != (rows, h, p, n) or not state.is_contiguous():
+        raise ValueError(f"state must be contiguous (b, h, p, n) = {(rows, h, p, n)}, got {tuple(state.shape)}")
+    check_state_indices(state_indices, b, state)
     if D is not None and D.shape not in ((h,), (h, p)):
         raise ValueError(f"D must be (h,) or (h, p) = ({h},) or {(h, p)}, got {tuple(D.shape)}")
     if z is not None and z.shape != x.shape:
         raise ValueError(f"z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
-    return ssd_step_op(x, dt, A, B, C, state, D, z)
+    return ssd_step_op(x, dt, A, B, C, state, D, z, state_indices)

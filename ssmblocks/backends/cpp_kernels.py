@@ -118,9 +118,12 @@ def selective_scan_step(x, dt, A, B, C, state, D=None, z=None):
     return library().selective_scan_step(xw, dt, A, B, C, state, D, z).to(x.dtype)
 
 
-def selective_scan_step_may_run(x, dt, A, B, C, state, D=None, z=None):
+def selective_scan_step_may_run(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
+    """Also: a contiguous state in the working dtype, one a row (no pool of slots: ``state_indices``)."""
     wd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return state.dtype == wd and state.is_contiguous() and may_run(x, dt, A, B, C, state, D, z)
+    return (
+        state_indices is None and state.dtype == wd and state.is_contiguous() and may_run(x, dt, A, B, C, state, D, z)
+    )
 
 
 def ssd_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None):

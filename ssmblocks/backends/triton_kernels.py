@@ -131,14 +131,14 @@ def gated_rms_norm_may_run(x, z, weight, eps, group_size=None, norm_before_gate=
     return _norm_may_run(x, weight, group_size, z)
 
 
-def ssd_step(x, dt, A, B, C, state, D=None, z=None):
-    return _kernel("ssd_step").ssd_step_triton(x, dt, A, B, C, state, D, z)
+def ssd_step(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
+    return _kernel("ssd_step").ssd_step_triton(x, dt, A, B, C, state, D, z, state_indices)
 
 
-def ssd_step_may_run(x, dt, A, B, C, state, D=None, z=None):
+def ssd_step_may_run(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
     return (
         x.dtype in _DTYPES
-        and may_run(x, dt, A, B, C, state, D, z)
+        and may_run(x, dt, A, B, C, state, D, z, state_indices)
         and _kernel("ssd_step") is not None
         and state.is_contiguous()
         and not _grad_needed(x, dt, A, B, C, state, D, z)  # a decode step: no backward
@@ -161,17 +161,17 @@ def selective_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, c
     )
 
 
-def selective_scan_step(x, dt, A, B, C, state, D=None, z=None):
-    return _kernel("selective_scan").selective_scan_step_triton(x, dt, A, B, C, state, D, z)
+def selective_scan_step(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
+    return _kernel("selective_scan").selective_scan_step_triton(x, dt, A, B, C, state, D, z, state_indices)
 
 
-def selective_scan_step_may_run(x, dt, A, B, C, state, D=None, z=None):
+def selective_scan_step_may_run(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
     """Also: a contiguous state updated in place, and no gradient through the step (the kernel has no backward)."""
     return (
         x.dtype in _DTYPES
         and state.dtype in _DTYPES
         and state.is_contiguous()
         and not _grad_needed(x, dt, A, B, C, state, D, z)
-        and may_run(x, dt, A, B, C, state, D, z)
+        and may_run(x, dt, A, B, C, state, D, z, state_indices)
         and _kernel("selective_scan") is not None
     )

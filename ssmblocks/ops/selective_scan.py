@@ -133,8 +133,18 @@ def _chunk_states_log_depth(decay, u, h, dim: int = 1):
     return decay * h.unsqueeze(dim) + u
 
 
-def selective_scan_step_torch(x, dt, A, B, C, state, D=None, z=None):
-    """One token. x, dt, z: (b, e); B, C: (b, n); state: (b, e, n), updated in place. Returns y: (b, e)."""
+def selective_scan_step_torch(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
+    """One token. x, dt, z: (b, e); B, C: (b, n); state: (b, e, n), updated in place. Returns y: (b, e).
+
+    With ``state_indices`` (b,) of distinct slots, state is a pool (s, e, n) and row i reads and writes
+    state[state_indices[i]]; the other slots are left as they are.
+    """
+    if state_indices is not None:
+        state_indices = state_indices.long()
+        rows = state[state_indices]
+        y = selective_scan_step_torch(x, dt, A, B, C, rows, D, z)
+        state.index_copy_(0, state_indices, rows)
+        return y
     wd = _work_dtype(x)
     xw = x.to(wd)
     dt = dt.to(wd)

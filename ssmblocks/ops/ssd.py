@@ -124,11 +124,18 @@ def ssd_scan_torch(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_siz
     return y.to(x.dtype), state.reshape(b, h, p, n)
 
 
-def ssd_step_torch(x, dt, A, B, C, state, D=None, z=None):
+def ssd_step_torch(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
     """One token. x, z: (b, h, p); dt: (b, h); B, C: (b, g, n); state: (b, h, p, n), updated in place.
 
-    Returns y: (b, h, p).
+    With ``state_indices`` (b,) of distinct slots, state is a pool (s, h, p, n) and row i reads and writes
+    state[state_indices[i]]; the other slots are left as they are. Returns y: (b, h, p).
     """
+    if state_indices is not None:
+        state_indices = state_indices.long()
+        rows = state[state_indices]
+        y = ssd_step_torch(x, dt, A, B, C, rows, D, z)
+        state.index_copy_(0, state_indices, rows)
+        return y
     wd = _work_dtype(x)
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]

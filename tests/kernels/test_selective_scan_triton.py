@@ -137,7 +137,11 @@ def test_custom_ops_pass_opcheck():
     grads = (torch.randn_like(y), torch.randn_like(final), states.detach())
     torch.library.opcheck(selective_scan_bwd, (*grads, *plain, True, 8))
     step = (plain[0][:, 0], plain[1][:, 0].abs(), plain[2], plain[3][:, 0], plain[4][:, 0])
-    torch.library.opcheck(selective_scan_step, (*step, torch.randn(1, 4, 4, device=DEVICE), plain[5], plain[6][:, 0]))
+    torch.library.opcheck(
+        selective_scan_step, (*step, torch.randn(1, 4, 4, device=DEVICE), plain[5], plain[6][:, 0], None)
+    )
+    pool, slot = torch.randn(3, 4, 4, device=DEVICE), torch.tensor([2], device=DEVICE)
+    torch.library.opcheck(selective_scan_step, (*step, pool, plain[5], plain[6][:, 0], slot))
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["state-fp32", "state-bf16"])
