@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._slots import check_state_indices
+
 MAX_WIDTH = 4
 _BLOCK_L = 32
 
@@ -119,17 +121,19 @@ def conv1d_bwd_kernel(
 
 @triton.jit
 def conv1d_step_kernel(
-    x, state, weight, bias, y, channels, stride_xb, stride_sb, stride_sc,
+    x, state, slots, weight, bias, y, channels, stride_xb, stride_sb, stride_sc,
     K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
 ):  # fmt: skip
     """One token for one (row, block of c): y = act(bias + window . weight) with window = [state, x];
-    state <- window[1:]."""
+    state <- window[1:]. The row's state is state[slots[row]] with HAS_SLOTS (a pool), else state[row]."""
     row, cblk = tl.program_id(0), tl.program_id(1)
     ch = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = ch < channels
     i = tl.arange(0, BLOCK_K)
     xv = tl.load(x + row * stride_xb + ch, mask=mask_c, other=0.0)
-    cells = state + row * stride_sb + ch[:, None] * stride_sc + i[None, :]
+    slot = tl.load(slots + row).to(tl.int64) if HAS_SLOTS else row
+    cells = state + slot * stride_sb + ch[:, None] * stride_sc + i[None, :]
     window = tl.load(cells, mask=mask_c[:, None] & (i[None, :] < K - 1), other=0.0).to(x.dtype.element_ty)
     window = tl.where(i[None, :] == K - 1, xv[:, None], window)  # (bc, bk): the k inputs this token reads
     shifted = tl.load(cells + 1, mask=mask_c[:, None] & (i[None, :] < K - 2), other=0.0).to(x.dtype.element_ty)
@@ -243,22 +247,29 @@ causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("ssmblocks_triton::causal_conv1d_step", mutates_args=("conv_state",))
 def causal_conv1d_step_op(
-    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    silu: bool,
+    state_indices: torch.Tensor | None,
 ) -> torch.Tensor:
-    """y: (b, c) in x's dtype; conv_state (b, c, k - 1), unit last stride, shifted in place to end with x."""
+    """y: (b, c) in x's dtype; conv_state (b, c, k - 1), unit last stride (or its slots state_indices of a pool),
+    shifted in place to end with x."""
     b, c = x.shape
     k = weight.shape[-1]
     y = torch.empty(b, c, device=x.device, dtype=x.dtype)
     x = x if x.stride(1) == 1 else x.contiguous()
     conv1d_step_kernel[(b, triton.cdiv(c, _block_c(c)))](
-        x, conv_state, weight.contiguous(), bias, y, c, x.stride(0), conv_state.stride(0), conv_state.stride(1),
-        K=k, BLOCK_C=_block_c(c), BLOCK_K=triton.next_power_of_2(k), HAS_BIAS=bias is not None, SILU=silu,
+        x, conv_state, state_indices, weight.contiguous(), bias, y, c, x.stride(0), conv_state.stride(0),
+        conv_state.stride(1), K=k, BLOCK_C=_block_c(c), BLOCK_K=triton.next_power_of_2(k), HAS_BIAS=bias is not None,
+        SILU=silu, HAS_SLOTS=state_indices is not None,
     )  # fmt: skip
     return y
 
 
 @causal_conv1d_step_op.register_fake
-def _(x, conv_state, weight, bias, silu):
+def _(x, conv_state, weight, bias, silu, state_indices):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
@@ -311,15 +322,19 @@ def causal_conv1d_step_triton(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    state_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``causal_conv1d_step_torch`` on the kernel: x (b, c) -> (b, c); conv_state (b, c, k - 1) shifted in place.
-    No gradient (decode)."""
+    """``causal_conv1d_step_torch`` on the kernel: x (b, c) -> (b, c); conv_state (b, c, k - 1) shifted in place,
+    or with state_indices (b,) of distinct slots the pool conv_state (s, c, k - 1) at those slots. No gradient
+    (decode)."""
     _check(x, weight, bias, activation)
     b, c = x.shape
     k = weight.shape[-1]
-    if conv_state.shape != (b, c, k - 1) or conv_state.stride(2) != 1:
+    rows = b if state_indices is None else conv_state.shape[0]
+    if conv_state.shape != (rows, c, k - 1) or conv_state.stride(2) != 1:
         raise ValueError(
-            f"conv_state must be (b, c, k - 1) = {(b, c, k - 1)} with unit last stride, got "
+            f"conv_state must be (b, c, k - 1) = {(rows, c, k - 1)} with unit last stride, got "
             f"{tuple(conv_state.shape)} strides {conv_state.stride()}"
         )
-    return causal_conv1d_step_op(x, conv_state, weight, bias, activation == "silu")
+    check_state_indices(state_indices, b, conv_state)
+    return causal_conv1d_step_op(x, conv_state, weight, bias, activation == "silu", state_indices)

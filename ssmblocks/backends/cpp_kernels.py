@@ -155,8 +155,9 @@ def causal_conv1d_step(x, conv_state, weight, bias=None, activation=None):
     return library().causal_conv1d_step(x, conv_state, weight[:, 0], bias, activation == "silu")
 
 
-def causal_conv1d_step_may_run(x, conv_state, weight, bias=None, activation=None):
-    return conv_state.is_contiguous() and may_run_one_float(x, conv_state, weight, bias)
+def causal_conv1d_step_may_run(x, conv_state, weight, bias=None, activation=None, state_indices=None):
+    """Also: a contiguous conv_state, one a row (no pool of slots: ``state_indices``)."""
+    return state_indices is None and conv_state.is_contiguous() and may_run_one_float(x, conv_state, weight, bias)
 
 
 def rms_norm(x, weight, eps, group_size=None):

@@ -4,16 +4,17 @@
 |----------------------|----------------------------------------|------------------------------------------|
 | selective_scan       | selective_scan_torch (chunked)         | selective_scan (one pass over time)      |
 | selective_scan_step  | selective_scan_step_torch              | selective_scan_step (state contiguous,   |
-|                      |                                        |   in the working dtype)                  |
+|                      |                                        |   in the working dtype; no pool)         |
 | ssd_scan             | ssd_scan_torch (chunked)               | ssd_scan (one pass over time)            |
 | ssd_step             | ssd_step_torch                         | -                                        |
 | causal_conv1d        | causal_conv1d_torch                    | causal_conv1d (width <= 4, no mask)      |
-| causal_conv1d_step   | causal_conv1d_step_torch               | causal_conv1d_step                       |
+| causal_conv1d_step   | causal_conv1d_step_torch               | causal_conv1d_step (no pool)             |
 | rms_norm             | rms_norm_torch                         | rms_norm                                 |
 | gated_rms_norm       | gated_rms_norm_torch                   | gated_rms_norm                           |
 | linear               | torch.nn.functional.linear             | linear (2..16 rows)                      |
 
-Every cpp implementation also needs plain CPU tensors, no gradient through them, no torch.compile tracing and the
+The three steps take ``state_indices`` for a pool of states (every torch and triton step; "no pool": that cpp
+step declines such a call). Every cpp implementation also needs plain CPU tensors, no gradient through them, no torch.compile tracing and the
 kernels built; the float32/float64-only ones say so in their condition (cpp_kernels.py).
 
 | op                   | triton (triton_kernels.py: CUDA, autograd, custom ops; kernels in ``kernels/``)     |

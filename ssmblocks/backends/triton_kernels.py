@@ -89,14 +89,14 @@ def causal_conv1d_may_run(x, weight, bias=None, activation=None, conv_state=None
     )
 
 
-def causal_conv1d_step(x, conv_state, weight, bias=None, activation=None):
-    return _kernel("conv1d").causal_conv1d_step_triton(x, conv_state, weight, bias, activation)
+def causal_conv1d_step(x, conv_state, weight, bias=None, activation=None, state_indices=None):
+    return _kernel("conv1d").causal_conv1d_step_triton(x, conv_state, weight, bias, activation, state_indices)
 
 
-def causal_conv1d_step_may_run(x, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_step_may_run(x, conv_state, weight, bias=None, activation=None, state_indices=None):
     return (
         x.dtype in _DTYPES
-        and may_run(x, conv_state, weight, bias)
+        and may_run(x, conv_state, weight, bias, state_indices)
         and (kernels := _kernel("conv1d")) is not None
         and 2 <= weight.shape[-1] <= kernels.MAX_WIDTH
         and conv_state.stride(-1) == 1

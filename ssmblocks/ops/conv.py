@@ -60,9 +60,20 @@ def causal_conv1d_step_torch(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    state_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token of ``causal_conv1d``. x: (b, c); conv_state: (b, c, k - 1) the preceding inputs, shifted in
-    place to end with x; weight: (c, 1, k); bias: (c,). Returns (b, c) in x's dtype."""
+    place to end with x; weight: (c, 1, k); bias: (c,). Returns (b, c) in x's dtype.
+
+    With ``state_indices`` (b,) of distinct slots, conv_state is a pool (s, c, k - 1) and row i reads and
+    shifts conv_state[state_indices[i]]; the other slots are left as they are.
+    """
+    if state_indices is not None:
+        state_indices = state_indices.long()
+        rows = conv_state[state_indices]
+        y = causal_conv1d_step_torch(x, rows, weight, bias, activation)
+        conv_state.index_copy_(0, state_indices, rows)
+        return y
     window = torch.cat([conv_state.to(x.dtype), x[:, :, None]], dim=-1)  # (b, c, k)
     conv_state.copy_(window[:, :, 1:])
     y = (window * weight[:, 0].to(x.dtype)).sum(-1)

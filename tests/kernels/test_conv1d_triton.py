@@ -122,7 +122,9 @@ def test_custom_ops_pass_opcheck():
     bias = torch.randn(4, device=DEVICE, requires_grad=True)
     state, n_pad = torch.randn(2, 4, 2, device=DEVICE), torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(causal_conv1d_fwd, (x, weight, bias, state, n_pad, True))
-    torch.library.opcheck(causal_conv1d_step_op, (x[:, 0].detach(), state, weight.detach(), bias.detach(), True))
+    torch.library.opcheck(
+        causal_conv1d_step_op, (x[:, 0].detach(), state, weight.detach(), bias.detach(), True, None)
+    )
 
 
 def test_compiles_without_graph_breaks():

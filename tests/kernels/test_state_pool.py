@@ -1,10 +1,12 @@
-"""The decode steps on a pool of states (``state_indices``): every backend that takes the call updates exactly the
-addressed slots as the batch step would, and leaves the others bit for bit."""
+"""The decode steps (SSD, selective scan, causal conv) on a pool of states (``state_indices``): every backend
+that takes the call updates exactly the addressed slots as the batch step would, and leaves the others bit
+for bit."""
 
 import pytest
 import torch
 
 from ssmblocks import backends, ops
+from ssmblocks.ops.conv import causal_conv1d_step_torch
 from ssmblocks.ops.selective_scan import selective_scan_step_torch
 from ssmblocks.ops.ssd import ssd_step_torch
 from tests.helpers import assert_close
@@ -21,6 +23,9 @@ def step_args(name):
     torch.manual_seed(0)
     g = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731
     b = len(SLOTS)
+    if name == "causal_conv1d_step":
+        c, k = 10, 4
+        return (g(b, c),), g(POOL, c, k - 1), (g(c, 1, k), g(c), "silu")
     if name == "ssd_step":
         h, p, gr, n = 4, 5, 2, 6
         before = (g(b, h, p), g(b, h).abs(), -g(h).abs(), g(b, gr, n), g(b, gr, n))
@@ -29,12 +34,16 @@ def step_args(name):
     return (g(b, e), g(b, e).abs(), -g(e, n).abs(), g(b, n), g(b, n)), g(POOL, e, n), (g(e), g(b, e))
 
 
-REFERENCES = {"ssd_step": ssd_step_torch, "selective_scan_step": selective_scan_step_torch}
+REFERENCES = {
+    "ssd_step": ssd_step_torch,
+    "selective_scan_step": selective_scan_step_torch,
+    "causal_conv1d_step": causal_conv1d_step_torch,
+}
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
 @pytest.mark.parametrize("selection", ["torch", "cpp", "triton"])
-@pytest.mark.parametrize("name", ["ssd_step", "selective_scan_step"])
+@pytest.mark.parametrize("name", list(REFERENCES))
 def test_a_pooled_step_updates_only_its_slots(name, selection, index_dtype):
     before, pool, after = step_args(name)
     slots = torch.tensor(SLOTS, device=DEVICE, dtype=index_dtype)
