@@ -14,8 +14,8 @@
 | linear               | torch.nn.functional.linear             | linear (2..16 rows)                      |
 
 The three steps take ``state_indices`` for a pool of states (every torch and triton step; "no pool": that cpp
-step declines such a call). Every cpp implementation also needs plain CPU tensors, no gradient through them, no torch.compile tracing and the
-kernels built; the float32/float64-only ones say so in their condition (cpp_kernels.py).
+step declines such a call). Every cpp implementation also needs plain CPU tensors, no gradient through them, no
+torch.compile tracing and the kernels built; the float32/float64-only ones say so in their condition (cpp_kernels.py).
 
 | op                   | triton (triton_kernels.py: CUDA, autograd, custom ops; kernels in ``kernels/``)     |
 |----------------------|--------------------------------------------------------------------------------------|

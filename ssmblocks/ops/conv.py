@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .pool import on_slots
+
 
 def causal_conv1d_ref(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
@@ -69,11 +71,9 @@ def causal_conv1d_step_torch(
     shifts conv_state[state_indices[i]]; the other slots are left as they are.
     """
     if state_indices is not None:
-        state_indices = state_indices.long()
-        rows = conv_state[state_indices]
-        y = causal_conv1d_step_torch(x, rows, weight, bias, activation)
-        conv_state.index_copy_(0, state_indices, rows)
-        return y
+        return on_slots(
+            conv_state, state_indices, lambda rows: causal_conv1d_step_torch(x, rows, weight, bias, activation)
+        )
     window = torch.cat([conv_state.to(x.dtype), x[:, :, None]], dim=-1)  # (b, c, k)
     conv_state.copy_(window[:, :, 1:])
     y = (window * weight[:, 0].to(x.dtype)).sum(-1)

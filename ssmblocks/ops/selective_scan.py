@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .pool import on_slots
 from .ssd import update_state
 
 # Largest |log decay| inside one chunk for which exp(+-log decay) is safe in float32, backward included.
@@ -140,11 +141,7 @@ def selective_scan_step_torch(x, dt, A, B, C, state, D=None, z=None, state_indic
     state[state_indices[i]]; the other slots are left as they are.
     """
     if state_indices is not None:
-        state_indices = state_indices.long()
-        rows = state[state_indices]
-        y = selective_scan_step_torch(x, dt, A, B, C, rows, D, z)
-        state.index_copy_(0, state_indices, rows)
-        return y
+        return on_slots(state, state_indices, lambda rows: selective_scan_step_torch(x, dt, A, B, C, rows, D, z))
     wd = _work_dtype(x)
     xw = x.to(wd)
     dt = dt.to(wd)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .pool import on_slots
+
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -131,11 +133,7 @@ def ssd_step_torch(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
     state[state_indices[i]]; the other slots are left as they are. Returns y: (b, h, p).
     """
     if state_indices is not None:
-        state_indices = state_indices.long()
-        rows = state[state_indices]
-        y = ssd_step_torch(x, dt, A, B, C, rows, D, z)
-        state.index_copy_(0, state_indices, rows)
-        return y
+        return on_slots(state, state_indices, lambda rows: ssd_step_torch(x, dt, A, B, C, rows, D, z))
     wd = _work_dtype(x)
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
