@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._slots import check_state_indices
+from ssmblocks.ops.pool import state_rows
 
 MAX_WIDTH = 4
 _BLOCK_L = 32
@@ -330,11 +330,10 @@ def causal_conv1d_step_triton(
     _check(x, weight, bias, activation)
     b, c = x.shape
     k = weight.shape[-1]
-    rows = b if state_indices is None else conv_state.shape[0]
+    rows = state_rows(state_indices, b, conv_state)
     if conv_state.shape != (rows, c, k - 1) or conv_state.stride(2) != 1:
         raise ValueError(
             f"conv_state must be (b, c, k - 1) = {(rows, c, k - 1)} with unit last stride, got "
             f"{tuple(conv_state.shape)} strides {conv_state.stride()}"
         )
-    check_state_indices(state_indices, b, conv_state)
     return causal_conv1d_step_op(x, conv_state, weight, bias, activation == "silu", state_indices)

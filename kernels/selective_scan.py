@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from ssmblocks.ops.pool import state_rows
+
 from ._segments import count_segments, launch_on_segments
-from ._slots import check_state_indices
 from .selective_scan_bwd import selective_scan_bwd_kernel
 from .selective_scan_fwd import selective_scan_fwd_kernel
 from .selective_scan_step import selective_scan_step_kernel
@@ -347,7 +348,7 @@ def selective_scan_step_triton(x, dt, A, B, C, state, D=None, z=None, state_indi
     (s, e, n) at those slots. Returns y: (b, e) in x's dtype."""
     b, e = x.shape
     n = A.shape[-1]
-    rows = b if state_indices is None else state.shape[0]
+    rows = state_rows(state_indices, b, state)
     if A.shape != (e, n) or B.shape != (b, n) or C.shape != (b, n) or state.shape != (rows, e, n):
         raise ValueError(
             f"selective_scan_step: x (b, e) = {(b, e)} needs A (e, n), B and C (b, n), state {(rows, e, n)}; got "
@@ -355,5 +356,4 @@ def selective_scan_step_triton(x, dt, A, B, C, state, D=None, z=None, state_indi
         )
     if not state.is_contiguous():
         raise ValueError("selective_scan_step: the state must be contiguous (it is updated in place)")
-    check_state_indices(state_indices, b, state)
     return selective_scan_step(x, dt, A, B, C, state, D, z, state_indices)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._slots import check_state_indices
+from ssmblocks.ops.pool import state_rows
 
 
 @triton.jit
@@ -112,10 +112,9 @@ def ssd_step_triton(
     if B.dim() != 3 or B.shape[0] != b or C.shape != B.shape or h % B.shape[1]:
         raise ValueError(f"B and C must be (b, g, n) with b = {b} and g dividing h = {h}; got {tuple(B.shape)}")
     n = B.shape[2]
-    rows = b if state_indices is None else state.shape[0]
+    rows = state_rows(state_indices, b, state)
     if state.shape != (rows, h, p, n) or not state.is_contiguous():
         raise ValueError(f"state must be contiguous (b, h, p, n) = {(rows, h, p, n)}, got {tuple(state.shape)}")
-    check_state_indices(state_indices, b, state)
     if D is not None and D.shape not in ((h,), (h, p)):
         raise ValueError(f"D must be (h,) or (h, p) = ({h},) or {(h, p)}, got {tuple(D.shape)}")
     if z is not None and z.shape != x.shape:

@@ -71,9 +71,10 @@ def causal_conv1d_step_torch(
     shifts conv_state[state_indices[i]]; the other slots are left as they are.
     """
     if state_indices is not None:
-        return on_slots(
-            conv_state, state_indices, lambda rows: causal_conv1d_step_torch(x, rows, weight, bias, activation)
-        )
+        def step(rows):
+            return causal_conv1d_step_torch(x, rows, weight, bias, activation)
+
+        return on_slots(conv_state, state_indices, x.shape[0], step)
     window = torch.cat([conv_state.to(x.dtype), x[:, :, None]], dim=-1)  # (b, c, k)
     conv_state.copy_(window[:, :, 1:])
     y = (window * weight[:, 0].to(x.dtype)).sum(-1)

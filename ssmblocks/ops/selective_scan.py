@@ -141,7 +141,9 @@ def selective_scan_step_torch(x, dt, A, B, C, state, D=None, z=None, state_indic
     state[state_indices[i]]; the other slots are left as they are.
     """
     if state_indices is not None:
-        return on_slots(state, state_indices, lambda rows: selective_scan_step_torch(x, dt, A, B, C, rows, D, z))
+        return on_slots(
+            state, state_indices, x.shape[0], lambda rows: selective_scan_step_torch(x, dt, A, B, C, rows, D, z)
+        )
     wd = _work_dtype(x)
     xw = x.to(wd)
     dt = dt.to(wd)

@@ -133,7 +133,7 @@ def ssd_step_torch(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
     state[state_indices[i]]; the other slots are left as they are. Returns y: (b, h, p).
     """
     if state_indices is not None:
-        return on_slots(state, state_indices, lambda rows: ssd_step_torch(x, dt, A, B, C, rows, D, z))
+        return on_slots(state, state_indices, x.shape[0], lambda rows: ssd_step_torch(x, dt, A, B, C, rows, D, z))
     wd = _work_dtype(x)
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]

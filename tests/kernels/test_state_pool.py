@@ -68,6 +68,8 @@ def test_bad_state_indices_are_named():
         ssd_step_triton(*before, pool, *after, state_indices=torch.zeros(3, device=DEVICE))
     with pytest.raises(ValueError, match=r"state must be contiguous \(b, h, p, n\) = \(7"):
         ssd_step_triton(*before, pool[:, :2], *after, state_indices=torch.tensor(SLOTS, device=DEVICE))
+    with backends.use("torch"), pytest.raises(ValueError, match="state_indices must be int32 or int64 of shape"):
+        ops.ssd_step(*before, pool, *after, state_indices=torch.tensor([0, 1], device=DEVICE))
 
 
 def test_the_pooled_ssd_step_passes_opcheck():
