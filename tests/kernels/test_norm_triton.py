@@ -1,0 +1,133 @@
+"""The Triton RMS norms (kernels/norm.py) against rms_norm_torch and gated_rms_norm_torch in float64: forward and
+every gradient, grouped, gated both ways, on strided inputs and row counts that leave a partial block of rows.
+
+On a machine without CUDA the kernels run in Triton's interpreter (conftest.py), so shapes stay tiny.
+"""
+
+import pytest
+import torch
+
+from ssmblocks.ops.norm import gated_rms_norm_torch, rms_norm_torch
+from tests.helpers import assert_close
+
+pytest.importorskip("triton")
+from ssmblocks.kernels.norm import (  # noqa: E402
+    MAX_GROUP,
+    gated_rms_norm_triton,
+    rms_norm_bwd,
+    rms_norm_fwd,
+    rms_norm_triton,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+EPS = 1e-5
+
+CASES = {
+    # name: (leading dims, d, group_size, gate, layout, scale). gate: None (no z), "gate-norm" (norm(x * silu(z)),
+    # norm_before_gate=False) or "norm-gate"; layout of x and z: "contiguous", "sliced" (rows d + 5 apart) or
+    # "transposed" (channel stride != 1). The kernels take 16 rows a block: 7 and 21 rows leave a partial block,
+    # 35 rows make a backward program (2 on the CPU) visit two blocks. scale 1e-3: eps matters.
+    "7rows": ((7,), 32, None, None, "contiguous", 1.0),
+    "21rows-3groups-of-24-gate-norm": ((3, 7), 72, 24, "gate-norm", "contiguous", 1.0),
+    "21rows-3groups-of-24-norm-gate": ((3, 7), 72, 24, "norm-gate", "contiguous", 1.0),
+    "35rows-d40-sliced-gate-norm": ((5, 7), 40, None, "gate-norm", "sliced", 1.0),
+    "10rows-2groups-of-8-sliced-norm-gate-small": ((2, 5), 16, 8, "norm-gate", "sliced", 1e-3),
+    "9rows-transposed-small": ((9,), 24, None, None, "transposed", 1e-3),
+    "7rows-2groups-of-12-transposed-gate-norm": ((7,), 24, 12, "gate-norm", "transposed", 1.0),
+}
+
+
+def leaf(lead, d, layout, scale, dtype):
+    """A leaf whose ``laid_out`` view is (*lead, d) in ``layout``."""
+    shape = {"contiguous": (*lead, d), "sliced": (*lead, d + 5), "transposed": (d, *lead)}[layout]
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype).requires_grad_(True)
+
+
+def laid_out(t, d, layout):
+    return {"contiguous": t, "sliced": t[..., 2 : 2 + d], "transposed": t.movedim(0, -1)}[layout]
+
+
+def make_leaves(lead, d, gate, layout, scale, dtype=torch.float32, weight_dtype=None):
+    return dict(
+        x=leaf(lead, d, layout, scale, dtype),
+        z=None if gate is None else leaf(lead, d, layout, 1.0, dtype),
+        weight=(1 + 0.5 * torch.randn(d, device=DEVICE)).to(weight_dtype or dtype).requires_grad_(True),
+    )
+
+
+def as_float64(leaves):
+    return {n: None if t is None else t.detach().double().requires_grad_(True) for n, t in leaves.items()}
+
+
+def run(leaves, d, group_size, gate, layout, triton):
+    x = laid_out(leaves["x"], d, layout)
+    if gate is None:
+        return (rms_norm_triton if triton else rms_norm_torch)(x, leaves["weight"], EPS, group_size)
+    z = laid_out(leaves["z"], d, layout)
+    norm = gated_rms_norm_triton if triton else gated_rms_norm_torch
+    return norm(x, z, leaves["weight"], EPS, group_size, norm_before_gate=gate == "norm-gate")
+
+
+def check(lead, d, group_size, gate, layout, scale, dtype=torch.float32, weight_dtype=None):
+    """Forward and the gradients of every leaf against the float64 torch reference."""
+    leaves = make_leaves(lead, d, gate, layout, scale, dtype, weight_dtype)
+    ref_leaves = as_float64(leaves)
+    y = run(leaves, d, group_size, gate, layout, triton=True)
+    y_ref = run(ref_leaves, d, group_size, gate, layout, triton=False)
+    assert y.dtype == dtype and y.shape == (*lead, d)
+    assert_close(y, y_ref, TOL[dtype], "y")
+    dy = torch.randn_like(y_ref)
+    y.backward(dy.to(dtype))
+    y_ref.backward(dy)
+    for name, t in leaves.items():
+        if t is not None:
+            assert t.grad.dtype == t.dtype
+            assert_close(t.grad, ref_leaves[name].grad, TOL[dtype], f"d{name}")
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_forward_and_gradients(case):
+    check(*CASES[case])
+
+
+@pytest.mark.parametrize("gate", [None, "gate-norm", "norm-gate"], ids=["ungated", "gate-norm", "norm-gate"])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=["bf16-weight", "fp32-weight"])
+def test_bfloat16(weight_dtype, gate):
+    check((3, 7), 48, 24, gate, "sliced", 1.0, torch.bfloat16, weight_dtype)
+
+
+@pytest.mark.parametrize(
+    "weight, z, group_size, message",
+    [
+        (torch.ones(25), None, None, r"weight must be \(d,\) = \(24,\), got \(25,\)"),
+        (torch.ones(24), torch.ones(3, 23), None, r"z must have x's shape \(3, 24\), got \(3, 23\)"),
+        (torch.ones(24), None, 5, "group_size=5 must divide d=24"),
+        (torch.ones(24), torch.ones(3, 24), -24, "group_size=-24 must divide d=24"),
+    ],
+    ids=["weight", "z", "group-not-dividing", "group-negative"],
+)
+def test_bad_arguments_name_the_problem(weight, z, group_size, message):
+    with pytest.raises(ValueError, match=message):
+        if z is None:
+            rms_norm_triton(torch.ones(3, 24), weight, EPS, group_size)
+        else:
+            gated_rms_norm_triton(torch.ones(3, 24), z, weight, EPS, group_size)
+
+
+def test_a_group_over_the_limit_is_refused():
+    d = 2 * MAX_GROUP
+    with pytest.raises(ValueError, match=f"group_size={d} must divide d={d} and be at most {MAX_GROUP}"):
+        rms_norm_triton(torch.ones(1, d), torch.ones(d), EPS)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
+def test_custom_ops_pass_opcheck(gated):
+    x = torch.randn(7, 24, device=DEVICE, requires_grad=True)
+    z = torch.randn(7, 24, device=DEVICE, requires_grad=True) if gated else None
+    weight = torch.randn(24, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(rms_norm_fwd, (x, z, weight, EPS, 12, gated))
+    y, rstd = rms_norm_fwd(x, z, weight, EPS, 12, gated)
+    assert rstd.shape == (7, 2) and rstd.dtype == torch.float32
+    plain = [None if t is None else t.detach() for t in (x, z, weight)]
+    torch.library.opcheck(rms_norm_bwd, (torch.randn_like(y), *plain, rstd.detach(), 12, gated))
