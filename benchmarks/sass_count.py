@@ -6,7 +6,8 @@
 
 Prints ptxas's registers and spills and the most frequent SASS opcodes (divide by the elements a thread holds
 per loop iteration to compare designs); --out keeps the ttgir (layouts), PTX and SASS. Pointer arguments are
-float32 unless named in --bf16; integer scalars are every other non-constexpr argument.
+float32 unless named in --bf16; --scalars names the int32 scalars, --floats the float32 ones; a constexpr given
+as "tl.bfloat16" (and the like) is that Triton dtype.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -29,20 +31,26 @@ def main():
     parser.add_argument("kernel", help="module.function under ssmblocks.kernels")
     parser.add_argument("constexprs", help="JSON object of the kernel's constexpr arguments")
     parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--scalars", nargs="*", default=["seq_len", "width", "d_state"], help="int32 arguments")
+    parser.add_argument("--floats", nargs="*", default=[], help="float32 scalar arguments")
     parser.add_argument("--bf16", nargs="*", default=[], help="pointer arguments to type as bfloat16")
     parser.add_argument("--out", type=Path, default=Path("/tmp/sass_count"))
     opts = parser.parse_args()
     module, name = opts.kernel.rsplit(".", 1)
     kernel = getattr(importlib.import_module(f"ssmblocks.kernels.{module}"), name)
-    constexprs = json.loads(opts.constexprs)
+    constexprs = {  # "tl.bfloat16" and the like name a Triton dtype
+        k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
+        for k, v in json.loads(opts.constexprs).items()
+    }
     signature = {
         p.name: "constexpr" if p.name in constexprs else "i32" if p.name in opts.scalars else
-        "*bf16" if p.name in opts.bf16 else "*fp32"
+        "fp32" if p.name in opts.floats else "*bf16" if p.name in opts.bf16 else "*fp32"
         for p in kernel.params
     }  # fmt: skip
     source = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": opts.warps})
+    options = {"num_warps": opts.warps, "num_stages": opts.stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     opts.out.mkdir(parents=True, exist_ok=True)
     for ext in ("ttgir", "ptx"):
         (opts.out / f"{name}.{ext}").write_text(compiled.asm[ext])
