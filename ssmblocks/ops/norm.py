@@ -44,3 +44,17 @@ def gated_rms_norm_torch(
     if norm_before_gate:
         return (_normalise(x.to(wd), weight, eps, group_size, own=x.dtype != wd) * gate).to(x.dtype)
     return _normalise(x.to(wd) * gate, weight, eps, group_size, own=True).to(x.dtype)
+
+
+def add_rms_norm_torch(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add, then RMS norm: a pre-norm block's step from one mixer to the next. x: (..., d), the branch
+    output; residual: (..., d), the residual stream (often float32); weight: (d,). Returns (y, summed):
+    summed = residual + x in residual's dtype (the new stream), y = rms_norm(summed) in x's dtype (the next
+    mixer's input)."""
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    summed = residual + x.to(residual.dtype)
+    wd = torch.promote_types(summed.dtype, torch.float32)
+    return _normalise(summed.to(wd), weight, eps, summed.shape[-1], own=summed.dtype != wd).to(x.dtype), summed
