@@ -1,5 +1,6 @@
-"""The Triton RMS norms (kernels/norm.py) against rms_norm_torch and gated_rms_norm_torch in float64: forward and
-every gradient, grouped, gated both ways, on strided inputs and row counts that leave a partial block of rows.
+"""The Triton RMS norms (kernels/norm.py) against rms_norm_torch, gated_rms_norm_torch and add_rms_norm_torch in
+float64: forward and every gradient, grouped, gated both ways, a residual stream of its own dtype, on strided
+inputs and row counts that leave a partial block of rows.
 
 On a machine without CUDA the kernels run in Triton's interpreter (conftest.py), so shapes stay tiny.
 """
@@ -7,12 +8,15 @@ On a machine without CUDA the kernels run in Triton's interpreter (conftest.py),
 import pytest
 import torch
 
-from ssmblocks.ops.norm import gated_rms_norm_torch, rms_norm_torch
+from ssmblocks.ops.norm import add_rms_norm_torch, gated_rms_norm_torch, rms_norm_torch
 from tests.helpers import assert_close
 
 pytest.importorskip("triton")
 from ssmblocks.kernels.norm import (  # noqa: E402
     MAX_GROUP,
+    add_rms_norm_bwd,
+    add_rms_norm_fwd,
+    add_rms_norm_triton,
     gated_rms_norm_triton,
     rms_norm_bwd,
     rms_norm_fwd,
@@ -131,3 +135,94 @@ def test_custom_ops_pass_opcheck(gated):
     assert rstd.shape == (7, 2) and rstd.dtype == torch.float32
     plain = [None if t is None else t.detach() for t in (x, z, weight)]
     torch.library.opcheck(rms_norm_bwd, (torch.randn_like(y), *plain, rstd.detach(), 12, gated))
+
+
+F32, BF16 = torch.float32, torch.bfloat16
+ADD_CASES = {
+    # name: (leading dims, d, dtypes of x, residual and weight, layouts of x and residual (as CASES), scale)
+    "7rows-fp32": ((7,), 32, (F32, F32, F32), ("contiguous", "contiguous"), 1.0),
+    "21rows-d40-bf16-x-fp32-residual": ((3, 7), 40, (BF16, F32, BF16), ("contiguous", "contiguous"), 1.0),
+    "35rows-d72-bf16-x-sliced-fp32-residual": ((5, 7), 72, (BF16, F32, F32), ("contiguous", "sliced"), 1.0),
+    "10rows-d24-sliced-fp32-small": ((2, 5), 24, (F32, F32, F32), ("sliced", "contiguous"), 1e-3),
+    "9rows-d24-transposed-fp32": ((9,), 24, (F32, F32, F32), ("transposed", "transposed"), 1.0),
+    "10rows-d48-sliced-bf16": ((2, 5), 48, (BF16, BF16, BF16), ("sliced", "sliced"), 1.0),
+    "7rows-fp32-x-bf16-residual": ((7,), 32, (F32, BF16, F32), ("contiguous", "contiguous"), 1.0),
+}
+
+
+def add_tol(t, residual_dtype):
+    """bfloat16's tolerance for a bfloat16 result, and for every result when summed (the normed input) is one."""
+    return TOL[BF16 if BF16 in (t.dtype, residual_dtype) else F32]
+
+
+@pytest.mark.parametrize("loss", ["y", "y-and-summed"])
+@pytest.mark.parametrize("case", list(ADD_CASES), ids=list(ADD_CASES))
+def test_add_rms_norm_forward_and_gradients(case, loss):
+    """Forward, and the gradients of x, residual and weight from y alone or from y and the residual stream."""
+    lead, d, (x_dtype, res_dtype, w_dtype), (x_layout, res_layout), scale = ADD_CASES[case]
+    leaves = dict(
+        x=leaf(lead, d, x_layout, scale, x_dtype),
+        residual=leaf(lead, d, res_layout, scale, res_dtype),
+        weight=(1 + 0.5 * torch.randn(d, device=DEVICE)).to(w_dtype).requires_grad_(True),
+    )
+    ref_leaves = as_float64(leaves)
+    x, residual = laid_out(leaves["x"], d, x_layout), laid_out(leaves["residual"], d, res_layout)
+    y, summed = add_rms_norm_triton(x, residual, leaves["weight"], EPS)
+    ref_x, ref_residual = laid_out(ref_leaves["x"], d, x_layout), laid_out(ref_leaves["residual"], d, res_layout)
+    y_ref, summed_ref = add_rms_norm_torch(ref_x, ref_residual, ref_leaves["weight"], EPS)
+    assert (y.dtype, summed.dtype) == (x_dtype, res_dtype) and y.shape == summed.shape == (*lead, d)
+    if res_dtype == F32 or DEVICE == "cuda":  # the very sum torch computes (the interpreter truncates to bf16)
+        assert torch.equal(summed, residual + x.to(F32))
+    assert_close(summed, summed_ref, add_tol(summed, res_dtype), "summed")
+    assert_close(y, y_ref, add_tol(y, res_dtype), "y")
+    y_of_summed = rms_norm_torch(summed.double(), leaves["weight"].double(), EPS)
+    assert_close(y, y_of_summed, TOL[x_dtype], "y vs the norm of summed as stored")  # summed rounded, then normed
+
+    dy = torch.randn_like(y)  # in y's dtype, so that the reference sees the same gradient
+    dsummed = torch.randn_like(summed) if loss == "y-and-summed" else torch.zeros_like(summed)
+    if loss == "y":
+        y.backward(dy)
+    else:
+        torch.autograd.backward((y, summed), (dy, dsummed))
+    torch.autograd.backward((y_ref, summed_ref), (dy.double(), dsummed.double()))
+    for name, t in leaves.items():
+        assert t.grad.dtype == t.dtype
+        assert_close(t.grad, ref_leaves[name].grad, add_tol(t.grad, res_dtype), f"d{name}")
+
+
+def test_add_rms_norm_bwd_without_dsummed_is_with_zeros():
+    """Autograd always passes a dsummed (zeros when the stream is unused); a direct call may pass None."""
+    x, residual, weight = torch.randn(21, 40).bfloat16(), torch.randn(21, 40), torch.randn(40)
+    y, summed, rstd = add_rms_norm_fwd(x, residual, weight, EPS)
+    dy = torch.randn_like(y)
+    without = add_rms_norm_bwd(dy, None, summed, weight, rstd)
+    with_zeros = add_rms_norm_bwd(dy, torch.zeros_like(summed), summed, weight, rstd)
+    for a, b in zip(without, with_zeros, strict=True):
+        assert torch.equal(a, b)
+    assert [t.dtype for t in without] == [BF16, F32, F32]
+
+
+def test_add_rms_norm_custom_ops_pass_opcheck():
+    x = torch.randn(7, 24, device=DEVICE).bfloat16().requires_grad_(True)
+    residual = torch.randn(7, 24, device=DEVICE, requires_grad=True)
+    weight = torch.randn(24, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(add_rms_norm_fwd, (x, residual, weight, EPS))
+    y, summed, rstd = add_rms_norm_fwd(x, residual, weight, EPS)
+    assert rstd.shape == (7, 1) and rstd.dtype == F32
+    plain = [t.detach() for t in (summed, weight, rstd)]
+    dy = torch.randn_like(y)
+    for dsummed in (None, torch.randn_like(plain[0])):
+        torch.library.opcheck(add_rms_norm_bwd, (dy, dsummed, *plain))
+
+
+@pytest.mark.parametrize(
+    "residual, weight, message",
+    [
+        (torch.ones(3, 23), torch.ones(24), r"residual must have x's shape \(3, 24\), got \(3, 23\)"),
+        (torch.ones(3, 24), torch.ones(3, 24), r"weight must be \(d,\) = \(24,\), got \(3, 24\)"),
+    ],
+    ids=["residual", "weight"],
+)
+def test_add_rms_norm_bad_arguments_name_the_problem(residual, weight, message):
+    with pytest.raises(ValueError, match=message):
+        add_rms_norm_triton(torch.ones(3, 24), residual, weight, EPS)
