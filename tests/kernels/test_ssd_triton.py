@@ -23,6 +23,8 @@ CASES = {
     "plain": (2, 21, 2, 16, 1, 16, 16, "h", False, False, False, (0.0, float("inf")), False),
     "groups-Dhp-z-bias-softplus-limits-init": (2, 37, 4, 16, 2, 16, 16, "hp", True, True, True, (0.05, 0.8), True),
     "chunk32-n-p-not-pow2-noD": (1, 45, 2, 24, 1, 40, 32, None, True, True, True, (0.0, float("inf")), True),
+    # a group per head: each head has its own B and C
+    "group-per-head": (1, 30, 2, 16, 2, 16, 16, "h", True, True, True, (0.0, float("inf")), False),
 }
 
 
