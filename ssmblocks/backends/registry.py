@@ -11,6 +11,7 @@
 | causal_conv1d_step   | causal_conv1d_step_torch               | causal_conv1d_step (no pool)             |
 | rms_norm             | rms_norm_torch                         | rms_norm                                 |
 | gated_rms_norm       | gated_rms_norm_torch                   | gated_rms_norm                           |
+| add_rms_norm         | add_rms_norm_torch                     | -                                        |
 | linear               | torch.nn.functional.linear             | linear (2..16 rows)                      |
 
 The three steps take ``state_indices`` for a pool of states (every torch and triton step; "no pool": that cpp
@@ -27,6 +28,7 @@ torch.compile tracing and the kernels built; the float32/float64-only ones say s
 | causal_conv1d_step   | causal_conv1d_step (width 2..4; state unit last stride; no autograd: decode)         |
 | rms_norm             | rms_norm (group_size <= 8192)                                                        |
 | gated_rms_norm       | gated_rms_norm (group_size <= 8192; norm_before_gate both ways)                      |
+| add_rms_norm         | add_rms_norm (d <= 8192; summed and y in one pass)                                   |
 
 Every triton implementation takes float32, bfloat16 or float16 inputs; linear has none: under the selection
 "triton" it runs its torch one.
@@ -52,7 +54,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from ..ops.conv import causal_conv1d_step_torch, causal_conv1d_torch
-from ..ops.norm import gated_rms_norm_torch, rms_norm_torch
+from ..ops.norm import add_rms_norm_torch, gated_rms_norm_torch, rms_norm_torch
 from ..ops.selective_scan import selective_scan_step_torch, selective_scan_torch
 from ..ops.ssd import ssd_scan_torch, ssd_step_torch
 from . import cpp_kernels as cpp
@@ -193,6 +195,9 @@ gated_rms_norm = Op(
     Implementation("cpp", cpp.gated_rms_norm, cpp.gated_rms_norm_may_run),
     Implementation("triton", triton.gated_rms_norm, triton.gated_rms_norm_may_run),
 )
+add_rms_norm = Op(
+    "add_rms_norm", add_rms_norm_torch, Implementation("triton", triton.add_rms_norm, triton.add_rms_norm_may_run)
+)
 linear = Op("linear", F.linear, Implementation("cpp", cpp.linear, cpp.linear_may_run))
 
 OPS = {
@@ -206,6 +211,7 @@ OPS = {
         causal_conv1d_step,
         rms_norm,
         gated_rms_norm,
+        add_rms_norm,
         linear,
     )
 }

@@ -131,6 +131,14 @@ def gated_rms_norm_may_run(x, z, weight, eps, group_size=None, norm_before_gate=
     return _norm_may_run(x, weight, group_size, z)
 
 
+def add_rms_norm(x, residual, weight, eps):
+    return _kernel("norm").add_rms_norm_triton(x, residual, weight, eps)
+
+
+def add_rms_norm_may_run(x, residual, weight, eps):
+    return _norm_may_run(x, weight, None, residual) and residual.dtype in _DTYPES
+
+
 def ssd_step(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
     return _kernel("ssd_step").ssd_step_triton(x, dt, A, B, C, state, D, z, state_indices)
 

@@ -3,6 +3,7 @@ implementation ``*_torch``; the names below are the ops themselves, which run th
 ``ssmblocks.backends`` picks for each call (see ``ssmblocks/backends/registry.py``)."""
 
 from ..backends.registry import (
+    add_rms_norm,
     causal_conv1d,
     causal_conv1d_step,
     gated_rms_norm,
@@ -18,6 +19,7 @@ from .selective_scan import selective_scan_ref
 from .ssd import ssd_ref
 
 __all__ = [
+    "add_rms_norm",
     "causal_conv1d",
     "causal_conv1d_ref",
     "causal_conv1d_step",

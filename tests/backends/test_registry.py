@@ -28,17 +28,19 @@ def op_args(name: str, requires_grad: bool = False, dtype=torch.float32) -> tupl
         "causal_conv1d_step": (g(b, c), torch.zeros(b, c, 3, dtype=dtype), g(c, 1, 4), g(c)),
         "rms_norm": (g(b, l, c), g(c), 1e-5),
         "gated_rms_norm": (g(b, l, c), g(b, l, c), g(c), 1e-5),
+        "add_rms_norm": (g(b, l, c), g(b, l, c), g(c), 1e-5),
         "linear": (g(b * 2, c), g(3, c), g(3)),
     }[name]
 
 
 CPP_OPS = [name for name, op in backends.OPS.items() if "cpp" in op.implementations]
+TRITON_ONLY_OPS = [name for name, op in backends.OPS.items() if set(op.implementations) == {"torch", "triton"}]
 
 
 def test_every_op_is_in_the_table_and_in_ssmblocks_ops():
     assert set(backends.OPS) == {
         "selective_scan", "selective_scan_step", "ssd_scan", "ssd_step", "causal_conv1d", "causal_conv1d_step",
-        "rms_norm", "gated_rms_norm", "linear",
+        "rms_norm", "gated_rms_norm", "add_rms_norm", "linear",
     }  # fmt: skip
     for name, op in backends.OPS.items():
         assert getattr(ops, name) is op and "torch" in op.implementations
@@ -60,6 +62,18 @@ def test_the_selection_decides_which_implementation_runs(kernel, name):
                 with backends.record() as calls:
                     op(*op_args(name))
                 assert calls == [(name, expected)]
+
+
+@pytest.mark.parametrize("name", TRITON_ONLY_OPS)
+def test_an_op_without_a_cpp_kernel_takes_torch_on_the_cpu(name):
+    op, interpreted = backends.OPS[name], os.environ.get("TRITON_INTERPRET") == "1" and "triton" in backends.available()
+    with torch.no_grad():
+        for selection in ("auto", "cpp", "torch", "triton"):
+            expected = "triton" if selection == "triton" and interpreted else "torch"
+            with backends.use(selection), backends.record() as calls:
+                assert op.which(*op_args(name)) == expected, selection
+                op(*op_args(name))
+            assert calls == [(name, expected)]
 
 
 @pytest.mark.parametrize("name", CPP_OPS)

@@ -1,5 +1,6 @@
 """rms_norm and gated_rms_norm against plain float64 formulas, grouped and ungrouped, and their output dtypes;
-each test on every backend present (the C++ kernel runs float32 and float64 without autograd on the CPU)."""
+add_rms_norm against the sum then rms_norm; each test on every backend present (the C++ kernel runs float32 and
+float64 without autograd on the CPU)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssmblocks.ops import gated_rms_norm, rms_norm
+from ssmblocks.ops import add_rms_norm, gated_rms_norm, rms_norm
 from tests.helpers import assert_close
 
 TOL = 1e-6  # the ops compute in float32 whatever the input dtype
@@ -106,3 +107,58 @@ def test_zero_input_gives_zero_output():
     x, z, weight = norm_inputs(0.0)
     assert torch.equal(rms_norm(x, weight, 1e-5), torch.zeros_like(x))
     assert torch.equal(gated_rms_norm(x, z, weight, 1e-5, 8), torch.zeros_like(x))
+
+
+ADD_DTYPES = {  # x (the branch output), residual (the stream)
+    "fp32": (torch.float32, torch.float32),
+    "fp64": (torch.float64, torch.float64),
+    "bf16-x-fp32-residual": (torch.bfloat16, torch.float32),
+    "fp32-x-bf16-residual": (torch.float32, torch.bfloat16),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+}
+
+
+def add_inputs(x_dtype, res_dtype, scale=1.0, requires_grad=False):
+    """x, residual (both of size ``scale``) and weight (x's dtype, as a model's parameters)."""
+    x, residual = (torch.randn(2, 5, D, dtype=torch.float64) * scale for _ in range(2))
+    weight = 1 + 0.5 * torch.randn(D, dtype=torch.float64)
+    pairs = ((x, x_dtype), (residual, res_dtype), (weight, x_dtype))
+    return [t.to(dtype).requires_grad_(requires_grad) for t, dtype in pairs]
+
+
+@pytest.mark.parametrize("scale, eps", SCALES_EPS.values(), ids=SCALES_EPS.keys())
+@pytest.mark.parametrize("x_dtype, res_dtype", ADD_DTYPES.values(), ids=ADD_DTYPES.keys())
+def test_add_rms_norm_is_the_sum_then_rms_norm(path, x_dtype, res_dtype, scale, eps):
+    """summed = residual + x in the stream's dtype; y = rms_norm(summed) in x's dtype."""
+    x, residual, weight = add_inputs(x_dtype, res_dtype, scale)
+    y, summed = add_rms_norm(x, residual, weight, eps)
+    assert (y.dtype, summed.dtype) == (x_dtype, res_dtype)
+    tol = TOL_BF16 if torch.bfloat16 in (x_dtype, res_dtype) else TOL
+    # Triton's interpreter (the triton path on a CPU) truncates to bfloat16 where torch and CUDA round to nearest
+    exact = path != "triton" or res_dtype != torch.bfloat16
+    assert_close(summed, residual + x.to(res_dtype), 0.0 if exact else TOL_BF16, "summed")
+    assert_close(y, rms_formula(summed, weight, eps).to(x_dtype), tol, "y vs the float64 formula")
+    assert_close(y, rms_norm(summed, weight, eps).to(x_dtype), tol, "y vs rms_norm of the sum")
+
+
+@pytest.mark.parametrize("x_dtype, res_dtype", ADD_DTYPES.values(), ids=ADD_DTYPES.keys())
+def test_add_rms_norm_gradients_are_the_compositions(x_dtype, res_dtype):
+    """The gradients of x, residual and weight, from y and from the stream, are those of the two-step form."""
+    leaves = add_inputs(x_dtype, res_dtype, requires_grad=True)
+    twins = [t.detach().clone().requires_grad_(True) for t in leaves]
+    y, summed = add_rms_norm(*leaves, 1e-5)
+    summed_twin = twins[1] + twins[0].to(res_dtype)
+    y_twin = rms_norm(summed_twin, twins[2], 1e-5).to(x_dtype)
+    dy, dsummed = torch.randn_like(y), torch.randn_like(summed)
+    torch.autograd.backward((y, summed), (dy, dsummed))
+    torch.autograd.backward((y_twin, summed_twin), (dy, dsummed))
+    tol = TOL_BF16 if torch.bfloat16 in (x_dtype, res_dtype) else TOL
+    for name, leaf, twin in zip(("dx", "dresidual", "dweight"), leaves, twins, strict=True):
+        assert leaf.grad.dtype == leaf.dtype
+        assert_close(leaf.grad, twin.grad, tol, name)
+
+
+def test_add_rms_norm_names_a_residual_of_another_shape():
+    x, residual, weight = norm_inputs(1.0)
+    with pytest.raises(ValueError, match=r"residual must have x's shape \(2, 5, 24\), got \(5, 24\)"):
+        add_rms_norm(x, residual[0], weight, 1e-5)
