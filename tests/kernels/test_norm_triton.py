@@ -172,7 +172,7 @@ def test_add_rms_norm_forward_and_gradients(case, loss):
     y_ref, summed_ref = add_rms_norm_torch(ref_x, ref_residual, ref_leaves["weight"], EPS)
     assert (y.dtype, summed.dtype) == (x_dtype, res_dtype) and y.shape == summed.shape == (*lead, d)
     if res_dtype == F32 or DEVICE == "cuda":  # the very sum torch computes (the interpreter truncates to bf16)
-        assert torch.equal(summed, residual + x.to(F32))
+        assert torch.equal(summed, residual + x.to(res_dtype))
     assert_close(summed, summed_ref, add_tol(summed, res_dtype), "summed")
     assert_close(y, y_ref, add_tol(y, res_dtype), "y")
     y_of_summed = rms_norm_torch(summed.double(), leaves["weight"].double(), EPS)
@@ -192,7 +192,8 @@ def test_add_rms_norm_forward_and_gradients(case, loss):
 
 def test_add_rms_norm_bwd_without_dsummed_is_with_zeros():
     """Autograd always passes a dsummed (zeros when the stream is unused); a direct call may pass None."""
-    x, residual, weight = torch.randn(21, 40).bfloat16(), torch.randn(21, 40), torch.randn(40)
+    x = torch.randn(21, 40, device=DEVICE).bfloat16()
+    residual, weight = torch.randn(21, 40, device=DEVICE), torch.randn(40, device=DEVICE)
     y, summed, rstd = add_rms_norm_fwd(x, residual, weight, EPS)
     dy = torch.randn_like(y)
     without = add_rms_norm_bwd(dy, None, summed, weight, rstd)
