@@ -256,11 +256,14 @@ def _setup_context(ctx, inputs, output):
         raise RuntimeError("selective_scan_fwd: a backward needs the chunk states (keep_states=True)")
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, output[2])
     ctx.flags = dt_softplus, chunk_size
+    ctx.set_materialize_grads(False)  # else autograd hands the backward zeros the size of the kept states
 
 
 def _backward(ctx, dy, dfinal, dstates):
-    """Gradients of the inputs; the states are an auxiliary output (their gradient, zeros, is not used)."""
+    """Gradients of the inputs; the states are an auxiliary output (no gradient). dy or dfinal is None where
+    that output was not used."""
     x, dt, A, B, C, D, z, dt_bias, initial_state, states = ctx.saved_tensors
+    dy = torch.zeros_like(x) if dy is None else dy
     grads = selective_scan_bwd(dy, dfinal, states, x, dt, A, B, C, D, z, dt_bias, initial_state, *ctx.flags)
     dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
     optional = zip((dD, dz, ddt_bias, dinit), (D, z, dt_bias, initial_state), strict=True)

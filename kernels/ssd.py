@@ -232,10 +232,13 @@ def _setup_context(ctx, inputs, output):
     x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, *flags = inputs
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens)
     ctx.flags = flags
+    ctx.set_materialize_grads(False)  # an unused final state gets no zeros (the backward skips it)
 
 
 def _backward(ctx, dy, dfinal):
+    """dy or dfinal is None where that output was not used."""
     x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens = ctx.saved_tensors
+    dy = torch.zeros_like(x) if dy is None else dy
     grads = ssd_chunk_scan_bwd(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, *ctx.flags)
     dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
     dD, dz, ddt_bias, dinit = (

@@ -95,6 +95,25 @@ def test_forward_and_gradients(case, channel_blocks, monkeypatch):
     check_against_reference(kw, softplus, chunk, TOL)
 
 
+@pytest.mark.parametrize("used", ["y", "final_state"])
+def test_one_output_used(used):
+    """A loss of y alone or of the final state alone: the other output's gradient is None, not zeros."""
+    kw = make_inputs(2, 21, 12, 6, True, True, True, True)
+    y, final = selective_scan_triton(**kw, dt_softplus=True, chunk_size=8)
+    y_ref, final_ref, ref_leaves = reference(kw, True)
+    out, out_ref = (y, y_ref) if used == "y" else (final, final_ref)
+    grad = torch.randn_like(out_ref)
+    out.backward(grad.to(out))
+    out_ref.backward(grad)
+    for name, leaf in kw.items():
+        if leaf is None:
+            continue
+        if ref_leaves[name].grad is None:  # the final state does not depend on C, D or z
+            assert leaf.grad is None or not leaf.grad.any(), name
+        else:
+            assert_close(leaf.grad, ref_leaves[name].grad, TOL, f"d{name}")
+
+
 @pytest.mark.parametrize(
     ("case", "chunks_per_segment"), [("D-z-bias-softplus-init", 1), ("chunk4-D-z-bias-softplus", 2)]
 )

@@ -75,6 +75,25 @@ def test_forward_and_gradients(case):
     check_grads(kw, ref_leaves)
 
 
+@pytest.mark.parametrize("used", ["y", "final_state"])
+def test_one_output_used(used):
+    """A loss of y alone or of the final state alone: the other output's gradient is None, not zeros."""
+    kw = make_inputs(2, 37, 4, 16, 2, 16, "hp", True, True, True)
+    y, final = ssd_chunked_triton(**kw, dt_softplus=True, chunk_size=16)
+    y_ref, final_ref, ref_leaves = reference(kw, True, (0.0, float("inf")))
+    out, out_ref = (y, y_ref) if used == "y" else (final, final_ref)
+    grad = torch.randn_like(out_ref)
+    out.backward(grad.to(out))
+    out_ref.backward(grad)
+    for name, leaf in kw.items():
+        if leaf is None:
+            continue
+        if ref_leaves[name].grad is None:  # the final state does not depend on C, D or z
+            assert leaf.grad is None or not leaf.grad.any(), name
+        else:
+            assert_close(leaf.grad, ref_leaves[name].grad, TOL, f"d{name}")
+
+
 def test_packed_sequences_match_separate_runs():
     """Lengths 5, 17 (over a chunk), 1 and 18 packed in one row: no state crosses a boundary."""
     lengths, h, p, g, n = [5, 17, 1, 18], 2, 16, 1, 16
