@@ -3,11 +3,10 @@
 ``selective_scan_triton`` computes, with dt_eff = softplus(dt + dt_bias) if dt_softplus else dt + dt_bias,
 exactly ``ssmblocks.ops.selective_scan.selective_scan_ref(x, dt_eff, A, B, C, D, z, initial_state)`` (the
 reference) in float32 with a float32 state. Forward: one kernel (selective_scan_fwd.py), which under autograd
-also keeps each chunk's start state (float32, (b, l / c, e, n)) for the backward, one reverse kernel
-(selective_scan_bwd.py). Where a batch is too narrow to fill the GPU, either kernel splits each sequence into
-segments (_segments.py): a carry-only launch, the carries chained, then all segments at once.
-``selective_scan_step_triton`` is ``selective_scan_step_torch``
-(selective_scan_step.py).
+also keeps each chunk's start state for the backward ((b, l / c, e, n), rounded to x's dtype: the scan itself
+stays float32), one reverse kernel (selective_scan_bwd.py). Where a batch is too narrow to fill the GPU, either
+kernel splits each sequence into segments (_segments.py): a carry-only launch, the carries chained, then all
+segments at once. ``selective_scan_step_triton`` is ``selective_scan_step_torch`` (selective_scan_step.py).
 Shapes: x, dt, z: (b, l, e); A: (e, n); B, C: (b, l, n); D, dt_bias: (e,); initial_state, final_state: (b, e, n).
 """
 
@@ -102,7 +101,7 @@ def selective_scan_fwd(
     keep_states: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y: (b, l, e) in x's dtype, final_state: (b, e, n) float32 and, for the backward when ``keep_states``,
-    the state before each chunk: (b, ceil(l / c), e, n) float32 (else an empty tensor)."""
+    the state before each chunk: (b, ceil(l / c), e, n) in x's dtype (else an empty tensor)."""
     x, dt, A, B, C, D, z, dt_bias = _contiguous(x, dt, A, B, C, D, z, dt_bias)
     b, l, e = x.shape
     n = A.shape[1]
@@ -117,7 +116,7 @@ def selective_scan_fwd(
     segments = triton.cdiv(n_iter, seg_chunks)
     y = torch.empty_like(x)
     final = x.new_empty(b, e, n, dtype=torch.float32)
-    states = x.new_empty(b, triton.cdiv(l, chunk_size) if keep_states else 0, e, n, dtype=torch.float32)
+    states = x.new_empty(b, triton.cdiv(l, chunk_size) if keep_states else 0, e, n)
 
     def launch(starts, seg_end=None, seg_dt=None):
         selective_scan_fwd_kernel[(b, blocks, segments)](
@@ -139,7 +138,7 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, kee
     return (
         torch.empty_like(x),
         x.new_empty(b, e, n, dtype=torch.float32),
-        x.new_empty(b, chunks, e, n, dtype=torch.float32),
+        x.new_empty(b, chunks, e, n),
     )
 
 

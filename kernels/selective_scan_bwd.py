@@ -111,7 +111,9 @@ def selective_scan_bwd_kernel(
         if not CARRY_ONLY:
             x_c = tl.load(x + rows, mask=mask_ce, other=0.0).to(tl.float32)
             b_c = tl.load(B + rows_n, mask=mask_cn, other=0.0).to(tl.float32)
-            start = tl.load(states + (seq * n_chunks + k) * width * d_state + ne, mask=mask_ne, other=0.0)
+            start = tl.load(states + (seq * n_chunks + k) * width * d_state + ne, mask=mask_ne, other=0.0).to(
+                tl.float32
+            )
             u = (dt_c * x_c)[:, None, :] * b_c[:, :, None]
             h_decayed = tl.where(first, decay * start[None, :, :], 0.0)  # a_t h_{t-1}, so far for t = 1
             _, h = tl.associative_scan((decay, u + h_decayed), 0, first_order_combine)

@@ -109,7 +109,10 @@ def selective_scan_fwd_kernel(
     per_chunk: tl.constexpr = CHUNK // STATE_CHUNK
     for k in range(seg * seg_chunks, tl.minimum((seg + 1) * seg_chunks, n_chunks)):
         if STORE_STATES and not CARRY_ONLY:
-            tl.store(states + (seq * n_states + k * per_chunk) * width * d_state + ne, state, mask=mask_ne)
+            tl.store(
+                states + (seq * n_states + k * per_chunk) * width * d_state + ne,
+                state.to(states.dtype.element_ty), mask=mask_ne,
+            )
         tok = seq * seq_len + k * CHUNK + offs_c
         mask_c = k * CHUNK + offs_c < seq_len
         mask_ce = mask_c[:, None] & mask_e[None, :]
@@ -131,7 +134,10 @@ def selective_scan_fwd_kernel(
                     inner = tl.sum(tl.where((offs_c == j * STATE_CHUNK - 1)[:, None, None], h, 0.0), 0)
                     at = k * per_chunk + j
                     at_ok = mask_ne & (at < n_states)
-                    tl.store(states + (seq * n_states + at) * width * d_state + ne, inner, mask=at_ok)
+                    tl.store(
+                        states + (seq * n_states + at) * width * d_state + ne,
+                        inner.to(states.dtype.element_ty), mask=at_ok,
+                    )
             c_c = tl.load(C + tok[:, None] * d_state + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
             out = tl.sum(h * c_c[:, :, None], 1)  # (c, e)
             if HAS_D:
