@@ -15,6 +15,7 @@ from .generation import generate
 from .layers import SSD, Attention, RMSNorm, SelectiveSSM, SwiGLU
 from .layers.lm_head import LMHead
 from .losses import chunked_cross_entropy, next_token_targets
+from .ops import add_rms_norm
 from .precision import warn_if_slow_bf16
 from .recipe import AttentionSpec, ParallelSpec, Recipe, SelectiveSSMSpec, SSDSpec
 from .state import ModelState
@@ -64,13 +65,17 @@ class Block(nn.Module):
             self.mlp = SwiGLU(recipe.d_model, recipe.mlp.hidden_dim, recipe.mlp.bias, **kw)
 
     def forward(self, residual, state=None, attention_mask=None, cu_seqlens=None):
-        """residual: (b, l, d) in the residual dtype; the mixer and MLP run in the module's dtype."""
+        """residual: (b, l, d) in the residual dtype; the mixer and MLP run in the module's dtype. With an MLP,
+        the mixer's residual add and norm2 are one op (``ops.add_rms_norm``)."""
         dtype = self.norm.weight.dtype
         h = self.mixer(self.norm(residual).to(dtype), state=state, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
-        return self.add_mlp(residual + h.to(residual.dtype))
+        if self.mlp is None:
+            return residual + h.to(residual.dtype)
+        normed, residual = add_rms_norm(h, residual, self.norm2.weight, self.norm2.eps)
+        return residual + self.mlp(normed.to(dtype)).to(residual.dtype)
 
     def add_mlp(self, residual: torch.Tensor) -> torch.Tensor:
-        """residual + mlp(norm2(residual)), or residual itself without an MLP."""
+        """residual + mlp(norm2(residual)), or residual itself without an MLP (after a fused decode step)."""
         if self.mlp is None:
             return residual
         return residual + self.mlp(self.norm2(residual).to(self.norm.weight.dtype)).to(residual.dtype)

@@ -1,10 +1,31 @@
+import importlib.machinery
+import importlib.util
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from ssmblocks import backends
-from ssmblocks.backends.cpp_kernels import library
+
+def _import_pypi_kernels() -> None:
+    """Import the PyPI package ``kernels`` (which transformers >= 5.25 depends on and imports), if installed,
+    past the repository's own kernels/ folder (installed as ``ssmblocks.kernels``), which shadows it while the
+    repository root is on sys.path, as ``python -m pytest`` puts it."""
+    root = Path(__file__).resolve().parents[1]
+    others = [p for p in sys.path if Path(p or ".").resolve() != root]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", others)
+    if spec is None or "kernels" in sys.modules:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_import_pypi_kernels()
+
+from ssmblocks import backends  # noqa: E402
+from ssmblocks.backends.cpp_kernels import library  # noqa: E402
 
 AVAILABLE = backends.available()  # the backends of this machine (builds the C++ kernels, once)
 
