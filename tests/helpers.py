@@ -21,6 +21,22 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, name:
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
 
 
+def backward_one_output(outputs, ref_outputs, used: int, leaves: dict, ref_leaves: dict, tol: float) -> None:
+    """Backpropagate a random gradient from ``outputs[used]`` alone (and from the reference's), then check each
+    leaf's gradient; where the reference's leaf got none (the output does not depend on it), the leaf's is None
+    or zero."""
+    grad = torch.randn_like(ref_outputs[used])
+    outputs[used].backward(grad.to(outputs[used]))
+    ref_outputs[used].backward(grad)
+    for name, leaf in leaves.items():
+        if leaf is None:
+            continue
+        if ref_leaves[name].grad is None:
+            assert leaf.grad is None or not leaf.grad.any(), name
+        else:
+            assert_close(leaf.grad, ref_leaves[name].grad, tol, f"d{name}")
+
+
 def step_through(step, kw: dict[str, torch.Tensor], state: torch.Tensor) -> torch.Tensor:
     """Feed kw's sequence (x, dt, A, B, C, optional D and z) one token at a time through a step op
     (selective_scan_step or ssd_step) that updates ``state`` in place; returns y stacked over time."""
