@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import triton
+from gpu_common import DEVICE, peak_extra, poison, rel_err, say, write_log
 from ssmblocks.kernels import selective_scan as kernels
 from ssmblocks.kernels.selective_scan import (
     DEFAULT_CHUNK_SIZE,
@@ -28,26 +29,6 @@ from ssmblocks.kernels.selective_scan import (
 )
 
 from ssmblocks.ops.selective_scan import selective_scan_step_torch, selective_scan_torch
-
-DEVICE = "cuda"
-LOG = []
-
-
-def say(*parts):
-    line = " ".join(str(p) for p in parts)
-    print(line, flush=True)
-    LOG.append(line)
-
-
-def rel_err(a, r):
-    a, r = a.detach().float(), r.detach().float()
-    return ((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-
-
-def poison():
-    """Leave NaN in the caching allocator's free blocks, so that an output the kernels skip shows up."""
-    block = torch.full((1 << 28,), float("nan"), device=DEVICE)
-    del block
 
 
 def make_inputs(b, l, e, n, dtype, z=True, bias=True, init=True, dt_scale=None):
@@ -112,16 +93,6 @@ def check_step(b, e, n, dtype, tol):
         f"tol {tol:.0e} worst {worst:.2e}",
     )
     return ok
-
-
-def peak_extra(fn):
-    """Bytes the call adds to the allocated memory at its peak."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
 
 
 def time_impl(fn, dy, leaves):
@@ -291,8 +262,7 @@ def main():
             ratio = f"{peer[0] / tf:.2f} | {peer[1] / tb:.2f}" if peer else "- | -"
             say(f"| {label} | {name} | {tf:.3f} | {tb:.3f} | {mf:.2f} | {mb:.2f} | {ratio} |")
     say("(x = mamba_ssm time / this time; > 1 is faster than mamba_ssm)")
-    Path(opts.out).mkdir(parents=True, exist_ok=True)
-    (Path(opts.out) / "gpu_scan.log").write_text("\n".join(LOG) + "\n")
+    write_log(Path(opts.out) / "gpu_scan.log")
     return 0 if ok else 1
 
 

@@ -17,29 +17,10 @@ from pathlib import Path
 
 import torch
 import triton
+from gpu_common import DEVICE, peak_extra, poison, rel_err, say, write_log
 from ssmblocks.kernels.ssd import DEFAULT_CHUNK_SIZE, prepare_dt_ref, ssd_chunked_triton
 
 from ssmblocks.ops.ssd import ssd_scan_torch
-
-DEVICE = "cuda"
-LOG = []
-
-
-def say(*parts):
-    line = " ".join(str(p) for p in parts)
-    print(line, flush=True)
-    LOG.append(line)
-
-
-def rel_err(a, r):
-    a, r = a.detach().float(), r.detach().float()
-    return ((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-
-
-def poison():
-    """Leave NaN in the caching allocator's free blocks, so that an output the kernels skip shows up."""
-    block = torch.full((1 << 28,), float("nan"), device=DEVICE)
-    del block
 
 
 def make_inputs(b, l, h, p, g, n, dtype, d_shape="h", z=True, bias=True, init=True, n_seq=None):
@@ -107,16 +88,6 @@ def check(name, shape, dtype, tol, softplus=True, limit=(0.0, float("inf")), len
         " ".join(f"{k} {v:.1e}" for k, v in errs.items()),
     )
     return ok
-
-
-def peak_extra(fn):
-    """Bytes the call adds to the allocated memory at its peak."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
 
 
 def fla_inputs(kw, h):
@@ -232,8 +203,7 @@ def main():
             ratio = ratio.replace("nan", "-")
             say(f"| {label} | {name} | {tf:.3f} | {tb:.3f} | {mf:.2f} | {mb:.2f} | {ratio} |")
     say("(x = mamba_ssm time / this time; > 1 is faster than mamba_ssm)")
-    Path(opts.out).mkdir(parents=True, exist_ok=True)
-    (Path(opts.out) / "gpu_ssd.log").write_text("\n".join(LOG) + "\n")
+    write_log(Path(opts.out) / "gpu_ssd.log")
     return 0 if ok else 1
 
 

@@ -18,16 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
+from gpu_common import say, write_log
 
 import ssmblocks
 from ssmblocks import backends
-
-LOG: list[str] = []
-
-
-def say(line: str) -> None:
-    print(line, flush=True)
-    LOG.append(line)
 
 
 def step(model, optimizer, ids) -> torch.Tensor:
@@ -161,8 +155,7 @@ def main() -> None:
     if "mamba_ssm" in results and "auto" in results:
         (peer_ms, peer_gib), (ms, gib) = results["mamba_ssm"], results["auto"]
         say(f"auto vs mamba_ssm: {peer_ms / ms:.2f}x its tokens/s at {gib / peer_gib:.2f}x its peak memory")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_train_step.log").write_text("\n".join(LOG) + "\n")
+    write_log(args.out / "gpu_train_step.log")
 
 
 if __name__ == "__main__":
