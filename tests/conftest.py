@@ -12,10 +12,12 @@ def _import_pypi_kernels() -> None:
     """Import the PyPI package ``kernels`` (which transformers >= 5.25 depends on and imports), if installed,
     past the repository's own kernels/ folder (installed as ``ssmblocks.kernels``), which shadows it while the
     repository root is on sys.path, as ``python -m pytest`` puts it."""
+    if "kernels" in sys.modules:
+        return
     root = Path(__file__).resolve().parents[1]
     others = [p for p in sys.path if Path(p or ".").resolve() != root]
     spec = importlib.machinery.PathFinder.find_spec("kernels", others)
-    if spec is None or "kernels" in sys.modules:
+    if spec is None:
         return
     module = importlib.util.module_from_spec(spec)
     sys.modules["kernels"] = module
