@@ -310,6 +310,7 @@ def selective_scan_step(
     D: torch.Tensor | None,
     z: torch.Tensor | None,
     state_indices: torch.Tensor | None,
+    dt_softplus: bool,
 ) -> torch.Tensor:
     """y: (b, e) in x's dtype; ``state`` (b, e, n, contiguous; or its slots state_indices) updated in place."""
     x, dt, A, B, C, D, z = _contiguous(x, dt, A, B, C, D, z)
@@ -334,20 +335,21 @@ def selective_scan_step(
         HAS_D=D is not None,
         HAS_Z=z is not None,
         HAS_SLOTS=state_indices is not None,
+        SOFTPLUS=dt_softplus,
         num_warps=4,
     )
     return y
 
 
 @selective_scan_step.register_fake
-def _(x, dt, A, B, C, state, D, z, state_indices):
+def _(x, dt, A, B, C, state, D, z, state_indices, dt_softplus):
     return torch.empty_like(x)
 
 
-def selective_scan_step_triton(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
+def selective_scan_step_triton(x, dt, A, B, C, state, D=None, z=None, state_indices=None, *, dt_softplus=False):
     """``selective_scan_step_torch`` for a contiguous state: x, dt, z: (b, e); A: (e, n); B, C: (b, n);
     D: (e,); state (b, e, n) updated in place, or with state_indices (b,) of distinct slots the pool state
-    (s, e, n) at those slots. Returns y: (b, e) in x's dtype."""
+    (s, e, n) at those slots; dt through softplus when ``dt_softplus``. Returns y: (b, e) in x's dtype."""
     b, e = x.shape
     n = A.shape[-1]
     rows = state_rows(state_indices, b, state)
@@ -358,4 +360,4 @@ def selective_scan_step_triton(x, dt, A, B, C, state, D=None, z=None, state_indi
         )
     if not state.is_contiguous():
         raise ValueError("selective_scan_step: the state must be contiguous (it is updated in place)")
-    return selective_scan_step(x, dt, A, B, C, state, D, z, state_indices)
+    return selective_scan_step(x, dt, A, B, C, state, D, z, state_indices, dt_softplus)

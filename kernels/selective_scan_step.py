@@ -1,4 +1,5 @@
-"""One-token selective state update for decode: state <- exp(dt A) state + dt x B, y = state C + D x, y *= silu(z).
+"""One-token selective state update for decode: state <- exp(dt A) state + dt x B, y = state C + D x, y *= silu(z),
+with dt replaced by softplus(dt) when SOFTPLUS.
 
 One program per (sequence, channel block); the state is read and written once, in its own dtype, and the
 arithmetic is float32. Reference: ``ssmblocks.ops.selective_scan.selective_scan_step_torch``.
@@ -8,6 +9,8 @@ slots: (b,), row i's state at slot slots[i].
 
 import triton
 import triton.language as tl
+
+from ._math import softplus
 
 
 @triton.jit
@@ -29,6 +32,7 @@ def selective_scan_step_kernel(
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_SLOTS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
 ):
     seq, block = tl.program_id(0), tl.program_id(1)
     offs_e = block * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -38,6 +42,8 @@ def selective_scan_step_kernel(
     en = offs_e[:, None] * d_state + offs_n[None, :]
     x_e = tl.load(x + seq * width + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     dt_e = tl.load(dt + seq * width + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt_e = softplus(dt_e)
     b_n = tl.load(B + seq * d_state + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     c_n = tl.load(C + seq * d_state + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     a_en = tl.load(A + en, mask=mask_en, other=0.0).to(tl.float32)

@@ -96,11 +96,13 @@ def stream(
     step = decode_plan(model, state, cuda_graph)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
-        token = pick(logits).masked_fill(finished, pad)
-        feed = token.masked_fill(finished, 0)  # rows already finished feed any valid id; their output is unused
-        finished |= torch.isin(token, stops)
+        token = feed = pick(logits)
+        if len(stops):  # without stop tokens no row finishes, and no step waits for the GPU to say so
+            token = token.masked_fill(finished, pad)
+            feed = token.masked_fill(finished, 0)  # rows already finished feed any valid id; their output is unused
+            finished |= torch.isin(token, stops)
         yield token
-        if i + 1 == max_new_tokens or bool(finished.all()):
+        if i + 1 == max_new_tokens or (len(stops) and bool(finished.all())):
             return
         logits = step(feed)
 

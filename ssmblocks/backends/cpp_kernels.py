@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..ops.selective_scan import step_size
+
 _SOURCES = Path(__file__).with_name("cpp")
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a parameter of a tensor subclass has the subclass's type
 _FLOATS = (torch.float32, torch.float64)
@@ -103,22 +105,23 @@ def _work(x: torch.Tensor, *tensors: torch.Tensor | None) -> list[torch.Tensor |
 # Each op's C++ implementation (same arguments as its torch implementation in ssmblocks/ops) and condition.
 
 
-def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None):
+def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, *, dt_softplus=False):
     """One pass over time: chunk_size, the chunked algorithm's, has no meaning here."""
-    y, h = library().selective_scan(*_work(x, dt, A, B, C, D, z, initial_state))
+    xw, dt, A, B, C, D, z, h0 = _work(x, dt, A, B, C, D, z, initial_state)
+    y, h = library().selective_scan(xw, step_size(dt, dt_softplus, xw.dtype), A, B, C, D, z, h0)
     return y.to(x.dtype), h
 
 
-def selective_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None):
+def selective_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, *, dt_softplus=False):
     return may_run(x, dt, A, B, C, D, z, initial_state)
 
 
-def selective_scan_step(x, dt, A, B, C, state, D=None, z=None):
+def selective_scan_step(x, dt, A, B, C, state, D=None, z=None, *, dt_softplus=False):
     xw, dt, A, B, C, D, z = _work(x, dt, A, B, C, D, z)
-    return library().selective_scan_step(xw, dt, A, B, C, state, D, z).to(x.dtype)
+    return library().selective_scan_step(xw, step_size(dt, dt_softplus, xw.dtype), A, B, C, state, D, z).to(x.dtype)
 
 
-def selective_scan_step_may_run(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
+def selective_scan_step_may_run(x, dt, A, B, C, state, D=None, z=None, state_indices=None, *, dt_softplus=False):
     """Also: a contiguous state in the working dtype, one a row (no pool of slots: ``state_indices``)."""
     wd = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (

@@ -153,14 +153,14 @@ def ssd_step_may_run(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
     )
 
 
-def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None):
+def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, *, dt_softplus=False):
     chunk = _kernel("selective_scan").DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     return _kernel("selective_scan").selective_scan_triton(
-        x, dt, A, B, C, D, z, initial_state=initial_state, chunk_size=chunk
+        x, dt, A, B, C, D, z, dt_softplus=dt_softplus, initial_state=initial_state, chunk_size=chunk
     )
 
 
-def selective_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None):
+def selective_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, *, dt_softplus=False):
     return (
         x.dtype in _DTYPES
         and may_run(x, dt, A, B, C, D, z, initial_state)
@@ -169,11 +169,13 @@ def selective_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, c
     )
 
 
-def selective_scan_step(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
-    return _kernel("selective_scan").selective_scan_step_triton(x, dt, A, B, C, state, D, z, state_indices)
+def selective_scan_step(x, dt, A, B, C, state, D=None, z=None, state_indices=None, *, dt_softplus=False):
+    return _kernel("selective_scan").selective_scan_step_triton(
+        x, dt, A, B, C, state, D, z, state_indices, dt_softplus=dt_softplus
+    )
 
 
-def selective_scan_step_may_run(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
+def selective_scan_step_may_run(x, dt, A, B, C, state, D=None, z=None, state_indices=None, *, dt_softplus=False):
     """Also: a contiguous state updated in place, and no gradient through the step (the kernel has no backward)."""
     return (
         x.dtype in _DTYPES

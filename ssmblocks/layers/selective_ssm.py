@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check_positive
 from ..ops import selective_scan, selective_scan_step
 from ..state import SSMState
 from ._entry import SequenceLayer
-from ._init import KeepFloat32, at_least_float32, dt_bias_init, initial_state
+from ._init import KeepFloat32, dt_bias_init, initial_state
 from ._local import local
 from .conv import CausalConv1d
 from .linear import Linear
@@ -129,14 +128,15 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
         if mask is not None:
             xs = xs * mask[..., None]
         dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(at_least_float32(self.dt_proj(dt)))  # (b, l, e)
+        dt = self.dt_proj(dt)  # (b, l, e), before softplus: the scan applies it
         if mask is not None:
-            dt = dt * mask[..., None]  # dt = 0: no decay, no input
+            dt = dt.masked_fill(~mask[..., None], -math.inf)  # softplus(-inf) = 0: no decay, no input
         A, D = -torch.exp(local(self.A_log)), local(self.D)
         if state is not None and x.shape[1] == 1:
-            y = selective_scan_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.ssm, D, z[:, 0])[:, None]
+            y = selective_scan_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.ssm, D, z[:, 0], dt_softplus=True)
+            y = y[:, None]
         else:
-            y, final = selective_scan(xs, dt, A, B, C, D, z, initial_state(state))
+            y, final = selective_scan(xs, dt, A, B, C, D, z, initial_state(state), dt_softplus=True)
             if state is not None:
                 state.ssm.copy_(final)
         return self.out_proj(y)

@@ -4,8 +4,9 @@
     y_t = h_t C_t + D * x_t,   then  y_t *= silu(z_t)
 
 Shapes: x, dt, z: (b, l, e); A: (e, n); B, C: (b, l, n); D: (e,); state: (b, e, n).
-``dt`` is the step after softplus and bias (dt >= 0). Every function returns ``y`` in x's dtype and
-computes in float32 (float64 when x is float64).
+``dt`` is the step (dt >= 0), or with ``dt_softplus=True`` its value before softplus (the step is then
+softplus(dt), computed in the working dtype: layers hand over dt_proj's output without an elementwise pass of
+their own). Every function returns ``y`` in x's dtype and computes in float32 (float64 when x is float64).
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def step_size(dt: torch.Tensor, dt_softplus: bool, dtype: torch.dtype) -> torch.Tensor:
+    """dt in ``dtype``, through softplus when ``dt_softplus``."""
+    dt = dt.to(dtype)
+    return F.softplus(dt) if dt_softplus else dt
+
+
 def _finish(y, x, D, z):
     if D is not None:
         y = y + x * D.to(y.dtype)
@@ -32,12 +39,12 @@ def _finish(y, x, D, z):
     return y
 
 
-def selective_scan_ref(x, dt, A, B, C, D=None, z=None, initial_state=None):
+def selective_scan_ref(x, dt, A, B, C, D=None, z=None, initial_state=None, *, dt_softplus: bool = False):
     """The recurrence above, one time step after another. Returns (y, final_state)."""
     wd = _work_dtype(x)
     b, l, e = x.shape
     h = x.new_zeros(b, e, A.shape[-1], dtype=wd) if initial_state is None else initial_state.to(wd)
-    A, xw, dt, B, C = A.to(wd), x.to(wd), dt.to(wd), B.to(wd), C.to(wd)
+    A, xw, dt, B, C = A.to(wd), x.to(wd), step_size(dt, dt_softplus, wd), B.to(wd), C.to(wd)
     ys = []
     for t in range(l):
         h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * xw[:, t])[:, :, None] * B[:, t, None, :]
@@ -49,7 +56,9 @@ def selective_scan_ref(x, dt, A, B, C, D=None, z=None, initial_state=None):
 CHUNK_SIZE = 16  # steps per chunk of the torch path when none is given
 
 
-def selective_scan_torch(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: int | None = None):
+def selective_scan_torch(
+    x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: int | None = None, *, dt_softplus: bool = False
+):
     """Chunked selective scan: a Python loop over chunks only (state passed between them).
 
     Inside a chunk of c steps, with cumulative log decay L_t = A * sum_{r<=t} dt_r (relative to the chunk
@@ -62,7 +71,7 @@ def selective_scan_torch(x, dt, A, B, C, D=None, z=None, initial_state=None, chu
     wd = _work_dtype(x)
     chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
     b, l, e = x.shape
-    A, xw, dt, B, C = A.to(wd), x.to(wd), dt.to(wd), B.to(wd), C.to(wd)
+    A, xw, dt, B, C = A.to(wd), x.to(wd), step_size(dt, dt_softplus, wd), B.to(wd), C.to(wd)
     h = x.new_zeros(b, e, A.shape[-1], dtype=wd) if initial_state is None else initial_state.to(wd, copy=True)
 
     if torch.compiler.is_compiling():  # a data-dependent branch would split the graph: the stable one for all
@@ -134,7 +143,7 @@ def _chunk_states_log_depth(decay, u, h, dim: int = 1):
     return decay * h.unsqueeze(dim) + u
 
 
-def selective_scan_step_torch(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
+def selective_scan_step_torch(x, dt, A, B, C, state, D=None, z=None, state_indices=None, *, dt_softplus=False):
     """One token. x, dt, z: (b, e); B, C: (b, n); state: (b, e, n), updated in place. Returns y: (b, e).
 
     With ``state_indices`` (b,) of distinct slots, state is a pool (s, e, n) and row i reads and writes
@@ -142,11 +151,14 @@ def selective_scan_step_torch(x, dt, A, B, C, state, D=None, z=None, state_indic
     """
     if state_indices is not None:
         return on_slots(
-            state, state_indices, x.shape[0], lambda rows: selective_scan_step_torch(x, dt, A, B, C, rows, D, z)
+            state,
+            state_indices,
+            x.shape[0],
+            lambda rows: selective_scan_step_torch(x, dt, A, B, C, rows, D, z, dt_softplus=dt_softplus),
         )
     wd = _work_dtype(x)
     xw = x.to(wd)
-    dt = dt.to(wd)
+    dt = step_size(dt, dt_softplus, wd)
     h = update_state(state, torch.exp(dt[..., None] * A.to(wd)), (dt * xw)[..., None], B.to(wd)[:, None, :])
     y = (h @ C.to(wd)[:, :, None])[..., 0]  # (b, e)
     return _finish(y, xw, D, z).to(x.dtype)

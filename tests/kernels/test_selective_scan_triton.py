@@ -148,22 +148,23 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(selective_scan_bwd, (*grads, *plain, True, 8))
     step = (plain[0][:, 0], plain[1][:, 0].abs(), plain[2], plain[3][:, 0], plain[4][:, 0])
     torch.library.opcheck(
-        selective_scan_step, (*step, torch.randn(1, 4, 4, device=DEVICE), plain[5], plain[6][:, 0], None)
+        selective_scan_step, (*step, torch.randn(1, 4, 4, device=DEVICE), plain[5], plain[6][:, 0], None, False)
     )
     pool, slot = torch.randn(3, 4, 4, device=DEVICE), torch.tensor([2], device=DEVICE)
-    torch.library.opcheck(selective_scan_step, (*step, pool, plain[5], plain[6][:, 0], slot))
+    torch.library.opcheck(selective_scan_step, (*step, pool, plain[5], plain[6][:, 0], slot, True))
 
 
+@pytest.mark.parametrize("softplus", [False, True], ids=["dt", "softplus-dt"])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["state-fp32", "state-bf16"])
-def test_step_matches_the_torch_step(state_dtype):
+def test_step_matches_the_torch_step(state_dtype, softplus):
     b, e, n = 3, 10, 6
-    kw = {k: v.detach() for k, v in make_inputs(b, 4, e, n, True, True, False, False).items() if v is not None}
+    kw = {k: v.detach() for k, v in make_inputs(b, 4, e, n, True, True, softplus, False).items() if v is not None}
     state = torch.randn(b, e, n, device=DEVICE).to(state_dtype)
     expected_state = state.clone()
     for t in range(4):
         args = (kw["x"][:, t], kw["dt"][:, t], kw["A"], kw["B"][:, t], kw["C"][:, t])
-        y = selective_scan_step_triton(*args, state, kw["D"], kw["z"][:, t])
-        y_ref = selective_scan_step_torch(*args, expected_state, kw["D"], kw["z"][:, t])
+        y = selective_scan_step_triton(*args, state, kw["D"], kw["z"][:, t], dt_softplus=softplus)
+        y_ref = selective_scan_step_torch(*args, expected_state, kw["D"], kw["z"][:, t], dt_softplus=softplus)
         assert_close(y, y_ref, TOL if state_dtype == torch.float32 else TOL_BF16, f"y[{t}]")
         assert_close(state, expected_state, TOL if state_dtype == torch.float32 else TOL_BF16, f"state[{t}]")
 

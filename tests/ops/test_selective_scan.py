@@ -310,6 +310,41 @@ def test_initial_state_is_not_modified():
     assert torch.equal(kw["initial_state"], before)
 
 
+# ---------------------------------------------------------------------------------------------- dt_softplus
+
+
+def raw_dt(kw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """kw with dt replaced by values before softplus: both signs, and -inf (a padded position) at one step."""
+    dt = torch.randn_like(kw["dt"]) * 2
+    dt[:, 3] = -torch.inf
+    return {**kw, "dt": dt}
+
+
+@pytest.mark.parametrize("autograd", [False, True], ids=["no_grad", "autograd"])
+def test_dt_softplus_is_the_scan_of_softplus_dt(autograd):
+    kw = raw_dt(scan_inputs(2, 13, 3, 4))
+    soft = {**kw, "dt": torch.nn.functional.softplus(kw["dt"])}
+    assert torch.equal(soft["dt"][:, 3], torch.zeros_like(soft["dt"][:, 3]))  # -inf: no decay, no input
+    expected = selective_scan_ref(**soft)
+    for name, fn in (("reference", selective_scan_ref), ("fast path", functools.partial(selective_scan, chunk_size=4))):
+        with torch.set_grad_enabled(autograd):
+            y, h = fn(**kw, dt_softplus=True)
+        assert_close(y, expected[0], TOL64, f"{name} y")
+        assert_close(h, expected[1], TOL64, f"{name} final state")
+
+
+def test_dt_softplus_gradients_match_reference():
+    """Gradients through the softplus; at the -inf step dt's gradient is 0 and nothing turns NaN."""
+    kw = raw_dt(scan_inputs(2, 13, 3, 4))
+    gy, gh = torch.randn(2, 13, 3, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    expected = grads(selective_scan_ref, cast(kw, torch.float64, requires_grad=True), gy, gh, dt_softplus=True)
+    actual = grads(selective_scan, cast(kw, torch.float64, requires_grad=True), gy, gh, chunk_size=4, dt_softplus=True)
+    for name in actual:
+        assert torch.isfinite(actual[name]).all(), name
+        assert_close(actual[name], expected[name], TOL64, f"grad {name}")
+    assert torch.equal(actual["dt"][:, 3], torch.zeros_like(actual["dt"][:, 3]))
+
+
 # ---------------------------------------------------------------------------------------------- step
 
 
@@ -334,6 +369,15 @@ def test_step_updates_the_state_buffer_in_place():
     _, ref_h = selective_scan_ref(kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], initial_state=kw["initial_state"])
     assert state.data_ptr() == buffer
     assert_close(state, ref_h, TOL64, "state after one step")
+
+
+def test_step_with_dt_softplus_matches_reference():
+    kw = raw_dt(scan_inputs(2, 7, 3, 5))
+    ref_y, ref_h = selective_scan_ref(**kw, dt_softplus=True)
+    state = kw.pop("initial_state").clone()
+    y = step_through(functools.partial(selective_scan_step, dt_softplus=True), kw, state)
+    assert_close(y, ref_y, TOL64, "y")
+    assert_close(state, ref_h, TOL64, "state")
 
 
 def test_prefill_then_steps_matches_reference():

@@ -10,6 +10,7 @@ n = 5 and 20 leave values for its scalar tail.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -116,6 +117,22 @@ def test_autograd_takes_the_torch_path(name, kernel_calls):
     (grad,) = torch.autograd.grad((y * gy).sum() + (h * gh).sum(), kw[name])
     (ref_grad,) = torch.autograd.grad((ref_y * gy).sum() + (ref_h * gh).sum(), ref[name])
     assert_close(grad, ref_grad, 1e-10, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_kernels_take_dt_before_softplus(dtype, kernel_calls):
+    """dt_softplus=True: the scan and the step of softplus(dt), dt of both signs."""
+    kw = {**scan_inputs(2, 19, 33, 5, dtype=dtype), "dt": torch.randn(2, 19, 33, dtype=dtype) * 2}
+    ref_y, ref_h = selective_scan_ref(**{k: v.double() for k, v in kw.items()}, dt_softplus=True)
+    state = kw["initial_state"].clone()
+    with torch.no_grad():
+        y, h = selective_scan(**kw, dt_softplus=True)
+        y_steps = step_through(functools.partial(selective_scan_step, dt_softplus=True), kw, state)
+    assert kernel_calls == ["selective_scan"] + ["selective_scan_step"] * 19
+    assert_close(y, ref_y, TOL[dtype], "y")
+    assert_close(h, ref_h, TOL[dtype], "final state")
+    assert_close(y_steps, ref_y, TOL[dtype], "y of the steps")
+    assert_close(state, ref_h, TOL[dtype], "state after the steps")
 
 
 STEP_SHAPES = {"b1_e3_n1": (1, 3, 1), "b2_e5_n5": (2, 5, 5), "b3_e45_n16": (3, 45, 16), "b2_e7_n20": (2, 7, 20)}
