@@ -115,21 +115,35 @@ class _Layout:
         return self.chunk_table, self.chunk_cu, self.cu_seqlens
 
 
-def _state_grid(lay):
-    """(grid, BLOCK_P) of the state passes: one program per sequence, head and (BLOCK_P, block_n) tile."""
+def _sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def _state_grid(lay, device):
+    """(grid, BLOCK_P, BLOCK_N) of the state passes: one program per sequence, head and (BLOCK_P, BLOCK_N) tile.
+
+    A tile spans the whole state up to 128 wide, so each chunk's x is read once rather than once per tile, where
+    that still gives every SM a program; else it is lay.block_n wide. H200, bf16, SSD fwd / fwd+bwd: B4 L4096 H64
+    N128 0.505 / 3.19 -> 0.428 / 2.90 ms with the wide tile; B1 L16384 (64 wide programs) 0.655 -> 0.761 ms fwd.
+    """
     block_p = min(lay.block_p, 64)
-    return (lay.n_seq, lay.heads, triton.cdiv(lay.head_dim, block_p) * triton.cdiv(lay.d_state, lay.block_n)), block_p
+    p_tiles = triton.cdiv(lay.head_dim, block_p)
+    block_n = min(128, max(lay.block_n, triton.next_power_of_2(lay.d_state)))
+    if lay.n_seq * lay.heads * p_tiles * triton.cdiv(lay.d_state, block_n) < _sm_count(device):
+        block_n = lay.block_n
+    return (lay.n_seq, lay.heads, p_tiles * triton.cdiv(lay.d_state, block_n)), block_p, block_n
 
 
 def _state_pass(x, dt, dt_bias, A, B, initial_state, lay, dt_softplus, dt_min, dt_max):
     """states: (k, h, p, n) in x's dtype, the state before each chunk; final: (s, h, p, n) float32."""
     states = x.new_empty(lay.n_chunks, lay.heads, lay.head_dim, lay.d_state)
     final = x.new_empty(lay.n_seq, lay.heads, lay.head_dim, lay.d_state, dtype=torch.float32)
-    grid, block_p = _state_grid(lay)
+    grid, block_p, block_n = _state_grid(lay, x.device)
     init = None if initial_state is None else initial_state.float().contiguous()
     ssd_state_fwd_kernel[grid](
         x, dt, dt_bias, A, B, init, states, final, *lay.tables(), *lay.args(), dt_min, dt_max,
-        CHUNK=lay.chunk, BLOCK_P=block_p, BLOCK_N=lay.block_n, HAS_BIAS=dt_bias is not None,
+        CHUNK=lay.chunk, BLOCK_P=block_p, BLOCK_N=block_n, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=dt_softplus, HAS_INIT=init is not None, VARLEN=lay.varlen, DOT_DTYPE=_DOT_DTYPES[x.dtype],
         num_warps=4,
     )
@@ -188,11 +202,11 @@ def ssd_chunk_scan_bwd(
     dstates = torch.empty_like(states)
     d_a_end = torch.zeros(lay.n_chunks, lay.heads, device=x.device, dtype=torch.float32)
     dinit = torch.empty(lay.n_seq, lay.heads, lay.head_dim, lay.d_state, device=x.device, dtype=torch.float32)
-    grid, block_p = _state_grid(lay)
+    grid, block_p, block_n = _state_grid(lay, x.device)
     ssd_state_bwd_kernel[grid](
         dy, z, dt, dt_bias, A, C, states, dfinal, dstates, d_a_end, dinit, *lay.tables(), *lay.args(),
         dt_min, dt_max, BLOCK_P=block_p, HAS_DFINAL=dfinal is not None, HAS_INIT=initial_state is not None,
-        num_warps=4, **flags,
+        num_warps=4, **{**flags, "BLOCK_N": block_n},
     )
 
     dx, dz = torch.empty_like(x), torch.empty_like(x) if z is not None else x.new_empty(0)

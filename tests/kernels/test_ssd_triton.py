@@ -13,6 +13,7 @@ from ssmblocks.ops.ssd import ssd_ref
 from tests.helpers import assert_close, backward_one_output
 
 pytest.importorskip("triton")
+from ssmblocks.kernels import ssd as ssd_kernels  # noqa: E402
 from ssmblocks.kernels.ssd import CHUNK_SIZES, prepare_dt_ref, ssd_chunked_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,6 +70,22 @@ def test_forward_and_gradients(case):
     assert_close(y, y_ref, TOL, "y")
     assert_close(final, final_ref, TOL, "final_state")
 
+    dy, dfinal = torch.randn_like(y_ref), torch.randn_like(final_ref)
+    torch.autograd.backward((y, final), (dy.to(y), dfinal.to(final)))
+    torch.autograd.backward((y_ref, final_ref), (dy, dfinal))
+    check_grads(kw, ref_leaves)
+
+
+@pytest.mark.parametrize("sm_count", [0, 10**6], ids=["one-wide-state-tile", "two-state-tiles"])
+def test_state_passes_over_one_or_several_state_tiles(sm_count, monkeypatch):
+    """d_state 80: the state passes take it as one 128-wide tile where the GPU has programs enough for that, else
+    as two 64-wide tiles (whose second is part masked)."""
+    monkeypatch.setattr(ssd_kernels, "_sm_count", lambda device: sm_count)
+    kw = make_inputs(1, 37, 2, 16, 1, 80, "h", True, True, True)
+    y, final = ssd_chunked_triton(**kw, dt_softplus=True, chunk_size=16)
+    y_ref, final_ref, ref_leaves = reference(kw, True, (0.0, float("inf")))
+    assert_close(y, y_ref, TOL, "y")
+    assert_close(final, final_ref, TOL, "final_state")
     dy, dfinal = torch.randn_like(y_ref), torch.randn_like(final_ref)
     torch.autograd.backward((y, final), (dy.to(y), dfinal.to(final)))
     torch.autograd.backward((y_ref, final_ref), (dy, dfinal))
