@@ -313,10 +313,11 @@ def selective_scan_step(
     dt_softplus: bool,
 ) -> torch.Tensor:
     """y: (b, e) in x's dtype; ``state`` (b, e, n, contiguous; or its slots state_indices) updated in place."""
-    x, dt, A, B, C, D, z = _contiguous(x, dt, A, B, C, D, z)
+    x, dt, B, C, z = (None if t is None else t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C, z))
+    A, D = _contiguous(A, D)
     b, e = x.shape
     block_e, block_n = _blocks(e, A.shape[1], max(1, 1024 // triton.next_power_of_2(A.shape[1])))
-    y = torch.empty_like(x)
+    y = x.new_empty(b, e)
     selective_scan_step_kernel[(b, triton.cdiv(e, block_e))](
         x,
         dt,
@@ -330,6 +331,11 @@ def selective_scan_step(
         y,
         e,
         A.shape[1],
+        x.stride(0),
+        dt.stride(0),
+        0 if z is None else z.stride(0),
+        B.stride(0),
+        C.stride(0),
         BLOCK_E=block_e,
         BLOCK_N=block_n,
         HAS_D=D is not None,
@@ -343,7 +349,7 @@ def selective_scan_step(
 
 @selective_scan_step.register_fake
 def _(x, dt, A, B, C, state, D, z, state_indices, dt_softplus):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def selective_scan_step_triton(x, dt, A, B, C, state, D=None, z=None, state_indices=None, *, dt_softplus=False):

@@ -4,7 +4,8 @@ with dt replaced by softplus(dt) when SOFTPLUS.
 One program per (sequence, channel block); the state is read and written once, in its own dtype, and the
 arithmetic is float32. Reference: ``ssmblocks.ops.selective_scan.selective_scan_step_torch``.
 Shapes: x, dt, z, y: (b, e); A: (e, n); B, C: (b, n); D: (e,); state: (b, e, n), or a pool (s, e, n) with
-slots: (b,), row i's state at slot slots[i].
+slots: (b,), row i's state at slot slots[i]. x, dt, z, B and C may be views with any row stride (a unit last
+stride), as the slices of the projections' outputs are: no copies.
 """
 
 import triton
@@ -27,6 +28,11 @@ def selective_scan_step_kernel(
     y,
     width,
     d_state,
+    stride_x,
+    stride_dt,
+    stride_z,
+    stride_b,
+    stride_c,
     BLOCK_E: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr,
@@ -40,12 +46,12 @@ def selective_scan_step_kernel(
     mask_e, mask_n = offs_e < width, offs_n < d_state
     mask_en = mask_e[:, None] & mask_n[None, :]
     en = offs_e[:, None] * d_state + offs_n[None, :]
-    x_e = tl.load(x + seq * width + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-    dt_e = tl.load(dt + seq * width + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    x_e = tl.load(x + seq * stride_x + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    dt_e = tl.load(dt + seq * stride_dt + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     if SOFTPLUS:
         dt_e = softplus(dt_e)
-    b_n = tl.load(B + seq * d_state + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    c_n = tl.load(C + seq * d_state + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    b_n = tl.load(B + seq * stride_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    c_n = tl.load(C + seq * stride_c + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     a_en = tl.load(A + en, mask=mask_en, other=0.0).to(tl.float32)
     slot = tl.load(slots + seq).to(tl.int64) if HAS_SLOTS else seq
     at = state + slot * width * d_state + en
@@ -56,6 +62,6 @@ def selective_scan_step_kernel(
     if HAS_D:
         out += x_e * tl.load(D + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     if HAS_Z:
-        z_e = tl.load(z + seq * width + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        z_e = tl.load(z + seq * stride_z + offs_e, mask=mask_e, other=0.0).to(tl.float32)
         out *= z_e * tl.sigmoid(z_e)
     tl.store(y + seq * width + offs_e, out.to(y.dtype.element_ty), mask=mask_e)

@@ -169,6 +169,24 @@ def test_step_matches_the_torch_step(state_dtype, softplus):
         assert_close(state, expected_state, TOL if state_dtype == torch.float32 else TOL_BF16, f"state[{t}]")
 
 
+def test_step_reads_row_strided_views():
+    """x, dt, z, B and C as column slices of wider rows (each its own row stride), the way the layer slices the
+    projections' outputs: read in place, no copies, the same result as on contiguous copies."""
+    b, e, n = 3, 10, 6
+    rows = {"x": 13, "dt": 17, "z": 2 * e, "B": 2 * n + 5, "C": 3 * n}
+    views = {k: torch.randn(b, w, device=DEVICE)[:, w - (n if k in "BC" else e) :] for k, w in rows.items()}
+    A, D = -torch.rand(e, n, device=DEVICE) - 0.5, torch.randn(e, device=DEVICE)
+    state = torch.randn(b, e, n, device=DEVICE)
+    expected_state = state.clone()
+    args = [views[k] for k in ("x", "dt")] + [A] + [views[k] for k in ("B", "C")]
+    y = selective_scan_step_triton(*args, state, D, views["z"], dt_softplus=True)
+    copies = [t.contiguous() for t in args]
+    y_ref = selective_scan_step_torch(*copies, expected_state, D, views["z"].contiguous(), dt_softplus=True)
+    assert all(views[k].stride(0) == w for k, w in rows.items())
+    assert_close(y, y_ref, TOL, "y")
+    assert_close(state, expected_state, TOL, "state")
+
+
 def test_bad_arguments_name_the_problem():
     kw = make_inputs(1, 8, 4, 4, False, False, False, False)
     with pytest.raises(ValueError, match="chunk_size=12"):
