@@ -60,10 +60,8 @@ def check_grads(kw, ref_leaves):
             assert_close(leaf.grad, ref_leaves[name].grad, TOL, f"d{name}")
 
 
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_forward_and_gradients(case):
-    b, l, h, p, g, n, chunk, d_shape, has_z, has_bias, softplus, dt_limit, has_init = CASES[case]
-    kw = make_inputs(b, l, h, p, g, n, d_shape, has_z, has_bias, has_init)
+def check_against_reference(kw, softplus, dt_limit, chunk):
+    """The kernels' y, final state and every gradient against the float64 reference."""
     y, final = ssd_chunked_triton(**kw, dt_softplus=softplus, dt_limit=dt_limit, chunk_size=chunk)
     y_ref, final_ref, ref_leaves = reference(kw, softplus, dt_limit)
     assert y.dtype == kw["x"].dtype and final.dtype == torch.float32
@@ -76,20 +74,20 @@ def test_forward_and_gradients(case):
     check_grads(kw, ref_leaves)
 
 
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_forward_and_gradients(case):
+    b, l, h, p, g, n, chunk, d_shape, has_z, has_bias, softplus, dt_limit, has_init = CASES[case]
+    kw = make_inputs(b, l, h, p, g, n, d_shape, has_z, has_bias, has_init)
+    check_against_reference(kw, softplus, dt_limit, chunk)
+
+
 @pytest.mark.parametrize("sm_count", [0, 10**6], ids=["one-wide-state-tile", "two-state-tiles"])
 def test_state_passes_over_one_or_several_state_tiles(sm_count, monkeypatch):
     """d_state 80: the state passes take it as one 128-wide tile where the GPU has programs enough for that, else
     as two 64-wide tiles (whose second is part masked)."""
     monkeypatch.setattr(ssd_kernels, "_sm_count", lambda device: sm_count)
     kw = make_inputs(1, 37, 2, 16, 1, 80, "h", True, True, True)
-    y, final = ssd_chunked_triton(**kw, dt_softplus=True, chunk_size=16)
-    y_ref, final_ref, ref_leaves = reference(kw, True, (0.0, float("inf")))
-    assert_close(y, y_ref, TOL, "y")
-    assert_close(final, final_ref, TOL, "final_state")
-    dy, dfinal = torch.randn_like(y_ref), torch.randn_like(final_ref)
-    torch.autograd.backward((y, final), (dy.to(y), dfinal.to(final)))
-    torch.autograd.backward((y_ref, final_ref), (dy, dfinal))
-    check_grads(kw, ref_leaves)
+    check_against_reference(kw, True, (0.0, float("inf")), 16)
 
 
 @pytest.mark.parametrize("used", [0, 1], ids=["y", "final_state"])
