@@ -257,10 +257,14 @@ def _(dy, dsummed, summed, weight, rstd):
 
 def _add_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1], inputs[2], output[2])  # summed, weight, rstd
+    ctx.y_dtype = output[0].dtype
+    ctx.set_materialize_grads(False)  # a loss of y alone hands the backward no zeros the size of summed
 
 
 def _add_backward(ctx, dy, dsummed, drstd):
+    """dy or dsummed is None where that output was not used."""
     summed, weight, rstd = ctx.saved_tensors
+    dy = summed.new_zeros(summed.shape, dtype=ctx.y_dtype) if dy is None else dy
     dx, dres, dweight = add_rms_norm_bwd(dy, dsummed, summed, weight, rstd)
     return dx, dres, dweight, None
 

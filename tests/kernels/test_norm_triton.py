@@ -12,6 +12,7 @@ from ssmblocks.ops.norm import add_rms_norm_torch, gated_rms_norm_torch, rms_nor
 from tests.helpers import assert_close
 
 pytest.importorskip("triton")
+from ssmblocks.kernels import norm as norm_kernels  # noqa: E402
 from ssmblocks.kernels.norm import (  # noqa: E402
     MAX_GROUP,
     add_rms_norm_bwd,
@@ -155,10 +156,11 @@ def add_tol(t, residual_dtype):
     return TOL[BF16 if BF16 in (t.dtype, residual_dtype) else F32]
 
 
-@pytest.mark.parametrize("loss", ["y", "y-and-summed"])
+@pytest.mark.parametrize("loss", ["y", "summed", "y-and-summed"])
 @pytest.mark.parametrize("case", list(ADD_CASES), ids=list(ADD_CASES))
 def test_add_rms_norm_forward_and_gradients(case, loss):
-    """Forward, and the gradients of x, residual and weight from y alone or from y and the residual stream."""
+    """Forward, and the gradients of x, residual and weight from y alone, from the residual stream alone, or from
+    both."""
     lead, d, (x_dtype, res_dtype, w_dtype), (x_layout, res_layout), scale = ADD_CASES[case]
     leaves = dict(
         x=leaf(lead, d, x_layout, scale, x_dtype),
@@ -178,10 +180,12 @@ def test_add_rms_norm_forward_and_gradients(case, loss):
     y_of_summed = rms_norm_torch(summed.double(), leaves["weight"].double(), EPS)
     assert_close(y, y_of_summed, TOL[x_dtype], "y vs the norm of summed as stored")  # summed rounded, then normed
 
-    dy = torch.randn_like(y)  # in y's dtype, so that the reference sees the same gradient
-    dsummed = torch.randn_like(summed) if loss == "y-and-summed" else torch.zeros_like(summed)
+    dy = torch.randn_like(y) if loss != "summed" else torch.zeros_like(y)  # in y's dtype, as the reference sees it
+    dsummed = torch.randn_like(summed) if loss != "y" else torch.zeros_like(summed)
     if loss == "y":
         y.backward(dy)
+    elif loss == "summed":
+        summed.backward(dsummed)
     else:
         torch.autograd.backward((y, summed), (dy, dsummed))
     torch.autograd.backward((y_ref, summed_ref), (dy.double(), dsummed.double()))
@@ -190,8 +194,25 @@ def test_add_rms_norm_forward_and_gradients(case, loss):
         assert_close(t.grad, ref_leaves[name].grad, add_tol(t.grad, res_dtype), f"d{name}")
 
 
+def test_a_loss_of_y_alone_hands_the_backward_no_dsummed(monkeypatch):
+    """No zeros the size of the residual stream are made for the output nobody used."""
+    seen = []
+    original = norm_kernels.add_rms_norm_bwd
+
+    def spy(dy, dsummed, *rest):
+        seen.append(dsummed)
+        return original(dy, dsummed, *rest)
+
+    monkeypatch.setattr(norm_kernels, "add_rms_norm_bwd", spy)
+    x, residual = (torch.randn(5, 24, device=DEVICE, requires_grad=True) for _ in range(2))
+    y, _ = add_rms_norm_triton(x, residual, torch.ones(24, device=DEVICE), EPS)
+    y.sum().backward()
+    assert seen == [None]
+    assert_close(residual.grad, x.grad, 0.0, "dresidual = dx")
+
+
 def test_add_rms_norm_bwd_without_dsummed_is_with_zeros():
-    """Autograd always passes a dsummed (zeros when the stream is unused); a direct call may pass None."""
+    """No dsummed (a loss of y alone: autograd hands the backward None) is the same as zeros."""
     x = torch.randn(21, 40, device=DEVICE).bfloat16()
     residual, weight = torch.randn(21, 40, device=DEVICE), torch.randn(40, device=DEVICE)
     y, summed, rstd = add_rms_norm_fwd(x, residual, weight, EPS)
