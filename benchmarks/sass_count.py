@@ -6,7 +6,7 @@
 
 Prints ptxas's registers and spills and the most frequent SASS opcodes (divide by the elements a thread holds
 per loop iteration to compare designs); --out keeps the ttgir (layouts), PTX and SASS. Pointer arguments are
-float32 unless named in --bf16; --scalars names the int32 scalars, --floats the float32 ones; a constexpr given
+float32 unless named in --bf16 or --i32; --scalars names the int32 scalars, --floats the float32 ones; a constexpr given
 as "tl.bfloat16" (and the like) is that Triton dtype.
 """
 
@@ -35,6 +35,7 @@ def main():
     parser.add_argument("--scalars", nargs="*", default=["seq_len", "width", "d_state"], help="int32 arguments")
     parser.add_argument("--floats", nargs="*", default=[], help="float32 scalar arguments")
     parser.add_argument("--bf16", nargs="*", default=[], help="pointer arguments to type as bfloat16")
+    parser.add_argument("--i32", nargs="*", default=[], help="pointer arguments to type as int32")
     parser.add_argument("--out", type=Path, default=Path("/tmp/sass_count"))
     opts = parser.parse_args()
     module, name = opts.kernel.rsplit(".", 1)
@@ -45,7 +46,8 @@ def main():
     }
     signature = {
         p.name: "constexpr" if p.name in constexprs else "i32" if p.name in opts.scalars else
-        "fp32" if p.name in opts.floats else "*bf16" if p.name in opts.bf16 else "*fp32"
+        "fp32" if p.name in opts.floats else "*bf16" if p.name in opts.bf16 else
+        "*i32" if p.name in opts.i32 else "*fp32"
         for p in kernel.params
     }  # fmt: skip
     source = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()})

@@ -7,7 +7,9 @@ also keeps each chunk's start state for the backward ((b, l / c, e, n), rounded 
 stays float32), one reverse kernel (selective_scan_bwd.py). Where a batch is too narrow to fill the GPU, either
 kernel splits each sequence into segments (_segments.py): a carry-only launch, the carries chained, then all
 segments at once. ``selective_scan_step_triton`` is ``selective_scan_step_torch`` (selective_scan_step.py).
-Shapes: x, dt, z: (b, l, e); A: (e, n); B, C: (b, l, n); D, dt_bias: (e,); initial_state, final_state: (b, e, n).
+Packed sequences (``cu_seqlens``, b = 1) run in one pass without segments, each sequence restarting its state.
+Shapes: x, dt, z: (b, l, e); A: (e, n); B, C: (b, l, n); D, dt_bias: (e,); initial_state, final_state: (b, e, n),
+or (s, e, n) for s packed sequences.
 """
 
 import torch
@@ -44,7 +46,7 @@ def prepare_dt_ref(dt, dt_bias=None, dt_softplus=False):
     return F.softplus(dt) if dt_softplus else dt
 
 
-def _check(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size):
+def _check(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, chunk_size):
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size={chunk_size} is not supported by the Triton selective scan, only {CHUNK_SIZES}")
     if x.dim() != 3:
@@ -64,9 +66,18 @@ def _check(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size):
             raise ValueError(f"{name} must be (e,) = ({e},), got {tuple(t.shape)}")
     if z is not None and z.shape != x.shape:
         raise ValueError(f"z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
-    if initial_state is not None and initial_state.shape != (b, e, n):
-        raise ValueError(f"initial_state must be (b, e, n) = {(b, e, n)}, got {tuple(initial_state.shape)}")
-    tensors = [t for t in (x, dt, A, B, C, D, z, dt_bias, initial_state) if t is not None]
+    n_seq = b
+    if cu_seqlens is not None:
+        if b != 1:
+            raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {b}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens must be int32 of shape (s + 1,), s >= 1")
+        n_seq = cu_seqlens.numel() - 1
+    if initial_state is not None and initial_state.shape != (n_seq, e, n):
+        raise ValueError(
+            f"initial_state must be (s, e, n) = {(n_seq, e, n)}, one per sequence, got {tuple(initial_state.shape)}"
+        )
+    tensors = [t for t in (x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens) if t is not None]
     if any(t.device != x.device for t in tensors):
         raise ValueError("all selective scan inputs must be on one device")
 
@@ -96,48 +107,71 @@ def selective_scan_fwd(
     z: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
     dt_softplus: bool,
     chunk_size: int,
     keep_states: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y: (b, l, e) in x's dtype, final_state: (b, e, n) float32 and, for the backward when ``keep_states``,
-    the state before each chunk: (b, ceil(l / c), e, n) in x's dtype (else an empty tensor)."""
+    """y: (b, l, e) in x's dtype, final_state: (s, e, n) float32 (s = b, or the packed sequences) and, for the
+    backward when ``keep_states``, the state before each chunk: (b, ceil(l / c), e, n) in x's dtype (else an
+    empty tensor)."""
     x, dt, A, B, C, D, z, dt_bias = _contiguous(x, dt, A, B, C, D, z, dt_bias)
     b, l, e = x.shape
     n = A.shape[1]
     block_e, block_n = _blocks(e, n, _FWD_CHANNELS)
     steps = _forward_steps(chunk_size, block_n)
     n_iter = triton.cdiv(l, steps)
-    split = _forward_segments(b * triton.cdiv(e, block_e), n_iter, x.device)
+    split = 1 if cu_seqlens is not None else _forward_segments(b * triton.cdiv(e, block_e), n_iter, x.device)
     while split == 1 and block_e > 1 and b * triton.cdiv(e, block_e) < _FWD_MIN_PROGRAMS:
         block_e //= 2  # a narrow batch not worth splitting: more programs of fewer channels
     blocks = triton.cdiv(e, block_e)
     seg_chunks = triton.cdiv(n_iter, split)
     segments = triton.cdiv(n_iter, seg_chunks)
     y = torch.empty_like(x)
+    init = None if initial_state is None else initial_state.float().contiguous()
     final = x.new_empty(b, e, n, dtype=torch.float32)
+    if cu_seqlens is not None:  # an empty sequence's final state is its initial one; the others are written
+        final = init.clone() if init is not None else x.new_zeros(_n_seq(b, cu_seqlens), e, n, dtype=torch.float32)
     states = x.new_empty(b, triton.cdiv(l, chunk_size) if keep_states else 0, e, n)
+    seq_idx = _sequence_of_each_token(cu_seqlens, l)
 
     def launch(starts, seg_end=None, seg_dt=None):
         selective_scan_fwd_kernel[(b, blocks, segments)](
-            x, dt, dt_bias, A, B, C, D, z, starts, y, final, states, seg_end, seg_dt, l, e, n, seg_chunks,
+            x, dt, dt_bias, A, B, C, D, z, starts, y, final, states, seg_end, seg_dt, cu_seqlens, seq_idx,
+            init if cu_seqlens is not None else None, l, e, n, seg_chunks,
             CHUNK=steps, BLOCK_E=block_e, BLOCK_N=block_n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_START=starts is not None, STORE_STATES=keep_states,
-            STATE_CHUNK=chunk_size, CARRY_ONLY=seg_end is not None, num_warps=_FWD_WARPS,
+            STATE_CHUNK=chunk_size, CARRY_ONLY=seg_end is not None, VARLEN=cu_seqlens is not None,
+            HAS_SEQ_INIT=cu_seqlens is not None and init is not None, num_warps=_FWD_WARPS,
         )  # fmt: skip
 
-    init = None if initial_state is None else initial_state.float().contiguous().view(b, 1, e, n)
-    _launch_on_segments(launch, init, A, (b, segments, e, n), forward=True)
+    if cu_seqlens is not None:
+        launch(None)
+    else:
+        _launch_on_segments(launch, None if init is None else init.view(b, 1, e, n), A, (b, segments, e, n), True)
     return y, final, states
 
 
+def _n_seq(b, cu_seqlens):
+    return b if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
+def _sequence_of_each_token(cu_seqlens, l):
+    """(l,) int32: the packed sequence each token belongs to, or None without cu_seqlens."""
+    if cu_seqlens is None:
+        return None
+    tokens = torch.arange(l, device=cu_seqlens.device, dtype=torch.int32)
+    seq = torch.searchsorted(cu_seqlens, tokens, right=True) - 1
+    return seq.clamp_(0, cu_seqlens.numel() - 2).to(torch.int32)  # tokens past cu_seqlens[-1]: the last one's
+
+
 @selective_scan_fwd.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, keep_states):
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, chunk_size, keep_states):
     (b, l, e), n = x.shape, A.shape[1]
     chunks = -(-l // chunk_size) if keep_states else 0
     return (
         torch.empty_like(x),
-        x.new_empty(b, e, n, dtype=torch.float32),
+        x.new_empty(_n_seq(b, cu_seqlens), e, n, dtype=torch.float32),
         x.new_empty(b, chunks, e, n),
     )
 
@@ -156,6 +190,7 @@ def selective_scan_bwd(
     z: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
     dt_softplus: bool,
     chunk_size: int,
 ) -> tuple[
@@ -178,10 +213,17 @@ def selective_scan_bwd(
     dx, ddt = torch.empty_like(x), torch.empty_like(dt)
     dz = torch.empty_like(z) if z is not None else None
     dB, dC = (torch.zeros(b, l, n, device=x.device, dtype=torch.float32) for _ in range(2))
+    varlen = cu_seqlens is not None
     dinit = x.new_empty(b, e, n, dtype=torch.float32) if initial_state is not None else None
+    if varlen and dinit is not None:  # an empty sequence passes dfinal on to its initial state; the others are written
+        dinit = dfinal.float().clone() if dfinal is not None else torch.zeros_like(initial_state, dtype=torch.float32)
     n_chunks, blocks = triton.cdiv(l, chunk_size), triton.cdiv(e, block_e)
-    seg_chunks = triton.cdiv(n_chunks, _backward_segments(b * blocks, n_chunks, x.device))
+    split = 1 if varlen else _backward_segments(b * blocks, n_chunks, x.device)
+    seg_chunks = triton.cdiv(n_chunks, split)
     segments = triton.cdiv(n_chunks, seg_chunks)
+    seq_idx = _sequence_of_each_token(cu_seqlens, l)
+    seq_dfinal = None if dfinal is None or not varlen else dfinal.float().contiguous()
+    seq_init = None if initial_state is None or not varlen else initial_state.float().contiguous()
     dA_part = x.new_empty(b, segments, e, n, dtype=torch.float32)
     dD_part, dbias_part = (x.new_empty(b, segments, e, dtype=torch.float32) for _ in range(2))
 
@@ -189,14 +231,19 @@ def selective_scan_bwd(
         selective_scan_bwd_kernel[(b, blocks, segments)](
             x, dt, dt_bias, A, B, C, D, z, dy, states, carry,
             dx, ddt, dz, dB, dC, dA_part, dD_part, dbias_part, dinit, seg_dstate, seg_dt,
-            l, e, n, seg_chunks,
+            cu_seqlens, seq_idx, seq_init, seq_dfinal, l, e, n, seg_chunks,
             CHUNK=chunk_size, BLOCK_E=block_e, BLOCK_N=block_n, HAS_BIAS=dt_bias is not None,
             SOFTPLUS=dt_softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_CARRY=carry is not None,
-            HAS_INIT=dinit is not None, CARRY_ONLY=seg_dstate is not None, num_warps=_BWD_WARPS,
+            HAS_INIT=dinit is not None, CARRY_ONLY=seg_dstate is not None, VARLEN=varlen,
+            HAS_SEQ_INIT=varlen and initial_state is not None, HAS_SEQ_DFINAL=seq_dfinal is not None,
+            num_warps=_BWD_WARPS,
         )  # fmt: skip
 
-    dlast = None if dfinal is None else dfinal.float().view(b, 1, e, n)
-    _launch_on_segments(launch, dlast, A, (b, segments, e, n), forward=False)
+    if varlen:
+        launch(None)
+    else:
+        dlast = None if dfinal is None else dfinal.float().view(b, 1, e, n)
+        _launch_on_segments(launch, dlast, A, (b, segments, e, n), forward=False)
 
     def like(grad, t):
         return x.new_empty(0) if t is None else grad.to(t.dtype)
@@ -232,7 +279,7 @@ def _launch_on_segments(launch, edge, A, shape, forward):
 
 
 @selective_scan_bwd.register_fake
-def _(dy, dfinal, states, x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size):
+def _(dy, dfinal, states, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, chunk_size):
     def like(t):
         return x.new_empty(0) if t is None else torch.empty_like(t)
 
@@ -250,10 +297,10 @@ def _(dy, dfinal, states, x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softp
 
 
 def _setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, keep_states = inputs
+    x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, chunk_size, keep_states = inputs
     if not keep_states:
         raise RuntimeError("selective_scan_fwd: a backward needs the chunk states (keep_states=True)")
-    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, output[2])
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, output[2])
     ctx.flags = dt_softplus, chunk_size
     ctx.set_materialize_grads(False)  # else autograd hands the backward zeros the size of the kept states
 
@@ -261,13 +308,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dfinal, dstates):
     """Gradients of the inputs; the states are an auxiliary output (no gradient). dy or dfinal is None where
     that output was not used."""
-    x, dt, A, B, C, D, z, dt_bias, initial_state, states = ctx.saved_tensors
+    x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states = ctx.saved_tensors
     dy = torch.zeros_like(x) if dy is None else dy
-    grads = selective_scan_bwd(dy, dfinal, states, x, dt, A, B, C, D, z, dt_bias, initial_state, *ctx.flags)
+    grads = selective_scan_bwd(
+        dy, dfinal, states, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, *ctx.flags
+    )
     dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
     optional = zip((dD, dz, ddt_bias, dinit), (D, z, dt_bias, initial_state), strict=True)
     dD, dz, ddt_bias, dinit = (None if t is None else g for g, t in optional)
-    return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit, None, None, None
+    return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit, None, None, None, None
 
 
 selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -285,17 +334,20 @@ def selective_scan_triton(
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
     initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The selective scan of ``selective_scan_ref`` with dt preprocessed as ``prepare_dt_ref`` does.
 
     x, dt, z: (b, l, e); A: (e, n); B, C: (b, l, n); D, dt_bias: (e,); initial_state: (b, e, n).
+    With ``cu_seqlens`` (int32, (s + 1,), b = 1) the tokens are s packed sequences, each starting from
+    ``initial_state[i]`` (zero when None) with no state crossing a boundary; final_state is then (s, e, n).
     Returns (y in x's dtype, final_state float32). Non-contiguous inputs are copied.
     """
-    _check(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size)
+    _check(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, chunk_size)
     inputs = (x, dt, A, B, C, D, z, dt_bias, initial_state)
     keep_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    y, final, _ = selective_scan_fwd(*inputs, dt_softplus, chunk_size, keep_states)
+    y, final, _ = selective_scan_fwd(*inputs, cu_seqlens, dt_softplus, chunk_size, keep_states)
     return y, final
 
 

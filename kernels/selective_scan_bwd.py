@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._math import LOG2E
-from .selective_scan_fwd import first_order_combine, load_dt
+from .selective_scan_fwd import first_order_combine, load_dt, load_per_sequence, sequence_edges
 
 
 @triton.jit
@@ -48,6 +48,10 @@ def selective_scan_bwd_kernel(
     dinit,
     seg_dstate,
     seg_dt,
+    cu_seqlens,
+    seq_idx,
+    seq_init,
+    seq_dfinal,
     seq_len,
     width,
     d_state,
@@ -62,7 +66,12 @@ def selective_scan_bwd_kernel(
     HAS_CARRY: tl.constexpr,
     HAS_INIT: tl.constexpr,
     CARRY_ONLY: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_SEQ_INIT: tl.constexpr,
+    HAS_SEQ_DFINAL: tl.constexpr,
 ):
+    """VARLEN (b = 1, one segment): the packed sequences of the forward; seq_dfinal[s] enters at sequence s's
+    last token and dinit[s] (with HAS_INIT) is written at its first."""
     seq, block, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     part = seq * tl.num_programs(2) + seg  # this program's (sequence, segment) row of the partial outputs
     offs_e = block * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -104,6 +113,10 @@ def selective_scan_bwd_kernel(
         dt_c, slope = load_dt(dt, bias, rows, mask_ce, HAS_BIAS, SOFTPLUS)
         c_c = tl.load(C + rows_n, mask=mask_cn, other=0.0).to(tl.float32)
         decay = tl.exp2(dt_c[:, None, :] * a_log2[None, :, :])  # (c, n, e)
+        decay_in = decay  # what h_{t-1} is multiplied by: 0 at a packed sequence's first token
+        if VARLEN:
+            seq_c, starts_here, ends_here = sequence_edges(cu_seqlens, seq_idx, pos, mask_c)
+            decay_in = tl.where(starts_here[:, None, None], 0.0, decay)
         g = tl.load(dy + rows, mask=mask_ce, other=0.0).to(tl.float32)  # dL/d(gated output)
         if HAS_Z:
             z_c = tl.load(z + rows, mask=mask_ce, other=0.0).to(tl.float32)
@@ -115,8 +128,10 @@ def selective_scan_bwd_kernel(
                 tl.float32
             )
             u = (dt_c * x_c)[:, None, :] * b_c[:, :, None]
-            h_decayed = tl.where(first, decay * start[None, :, :], 0.0)  # a_t h_{t-1}, so far for t = 1
-            _, h = tl.associative_scan((decay, u + h_decayed), 0, first_order_combine)
+            h_decayed = tl.where(first, decay_in * start[None, :, :], 0.0)  # a_t h_{t-1}, so far for t = 1
+            if VARLEN and HAS_SEQ_INIT:  # a sequence's first step decays its own initial state
+                h_decayed += decay * load_per_sequence(seq_init, seq_c, starts_here, ne, mask_ne, width * d_state)
+            _, h = tl.associative_scan((decay_in, u + h_decayed), 0, first_order_combine)
             h_decayed = h - u
             if HAS_Z:
                 out = tl.sum(h * c_c[:, :, None], 1) + x_c * d_skip[None, :]
@@ -130,10 +145,19 @@ def selective_scan_bwd_kernel(
         dt_next, _ = load_dt(dt, bias, rows + width, next_ok, HAS_BIAS, SOFTPLUS)
         decay_next = tl.exp2(dt_next[:, None, :] * a_log2[None, :, :])
         g_c = g[:, None, :] * c_c[:, :, None] + tl.where(last, dstate[None, :, :], 0.0)
+        if VARLEN:
+            in_seq = pos + 1 < seq_len
+            _, next_starts, _ = sequence_edges(cu_seqlens, seq_idx, pos + 1, in_seq)
+            decay_next = tl.where(next_starts[:, None, None], 0.0, decay_next)
+            if HAS_SEQ_DFINAL:
+                g_c += load_per_sequence(seq_dfinal, seq_c, ends_here, ne, mask_ne, width * d_state)
         # a forward scan of the flipped rows: Triton's reverse scan moves every element across lanes
         _, dh = tl.associative_scan((tl.flip(decay_next, 0), tl.flip(g_c, 0)), 0, first_order_combine)
         dh = tl.flip(dh, 0)
-        dstate = tl.sum(tl.where(first, decay * dh, 0.0), 0)
+        dstate = tl.sum(tl.where(first, decay_in * dh, 0.0), 0)
+        if VARLEN and HAS_INIT:
+            at = seq_c[:, None, None] * width * d_state + ne[None, :, :]
+            tl.store(dinit + at, decay * dh, mask=starts_here[:, None, None] & mask_ne[None, :, :])
         if CARRY_ONLY:
             dbias_acc += tl.sum(dt_c, 0)  # zero outside mask_ce
         else:
@@ -154,5 +178,5 @@ def selective_scan_bwd_kernel(
         tl.store(dA_part + part * width * d_state + ne, dA_acc, mask=mask_ne)
         tl.store(dD_part + part * width + offs_e, dD_acc, mask=mask_e)
         tl.store(dbias_part + part * width + offs_e, dbias_acc, mask=mask_e)
-        if HAS_INIT:
+        if HAS_INIT and not VARLEN:
             tl.store(dinit + seq * width * d_state + ne, dstate, mask=mask_ne & (seg == 0))

@@ -12,6 +12,8 @@ CARRY_ONLY gives each segment's end state from a zero start (``seg_end``) and it
 caller chains them into each segment's start state (selective_scan.py), then the full launch runs every
 segment from its start. Reference: ``ssmblocks.ops.selective_scan.selective_scan_ref``; the dt
 preprocessing that ``load_dt`` fuses is ``ssmblocks.kernels.selective_scan.prepare_dt_ref``.
+Packed sequences (VARLEN): a sequence's first token multiplies the state before it by 0 and adds its own
+initial state, decayed, as the step's input; its last token writes the final state.
 Shapes: x, dt, z, y: (b, l, e); A: (e, n); B, C: (b, l, n); D, dt_bias: (e,); final: (b, e, n); starts,
 seg_end: (b, S, e, n), seg_dt: (b, S, e) for S segments; states: (b, ceil(l / s), e, n) for the backward's
 chunk s.
@@ -49,6 +51,22 @@ def load_dt(dt, bias, rows, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr
 
 
 @triton.jit
+def sequence_edges(cu_seqlens, seq_idx, pos, mask):
+    """For packed tokens at ``pos`` (c,): their sequence, and whether each is its sequence's first or last token."""
+    seq_c = tl.load(seq_idx + pos, mask=mask, other=0)
+    starts_here = mask & (pos == tl.load(cu_seqlens + seq_c, mask=mask, other=-1))
+    ends_here = mask & (pos + 1 == tl.load(cu_seqlens + seq_c + 1, mask=mask, other=-1))
+    return seq_c, starts_here, ends_here
+
+
+@triton.jit
+def load_per_sequence(base, seq_c, rows_ok, ne, mask_ne, stride):
+    """(c, n, e): row t holds base[seq_c[t]] (an (e, n) state per sequence) where rows_ok[t], else zeros."""
+    at = seq_c[:, None, None] * stride + ne[None, :, :]
+    return tl.load(base + at, mask=rows_ok[:, None, None] & mask_ne[None, :, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def selective_scan_fwd_kernel(
     x,
     dt,
@@ -64,6 +82,9 @@ def selective_scan_fwd_kernel(
     states,
     seg_end,
     seg_dt,
+    cu_seqlens,
+    seq_idx,
+    seq_init,
     seq_len,
     width,
     d_state,
@@ -79,9 +100,12 @@ def selective_scan_fwd_kernel(
     STORE_STATES: tl.constexpr,
     STATE_CHUNK: tl.constexpr,
     CARRY_ONLY: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_SEQ_INIT: tl.constexpr,
 ):
     """Writes y, final[b] and, when STORE_STATES, states[b, j] = the state before step j * STATE_CHUNK (the
-    backward's chunk, which divides CHUNK)."""
+    backward's chunk, which divides CHUNK). VARLEN (b = 1, one segment): the packed sequences of cu_seqlens,
+    token t in sequence seq_idx[t], each from seq_init[s] (or zero), final[s] written at its last token."""
     seq, block, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     part = seq * tl.num_programs(2) + seg  # this program's (sequence, segment) row
     offs_e = block * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -113,8 +137,9 @@ def selective_scan_fwd_kernel(
                 states + (seq * n_states + k * per_chunk) * width * d_state + ne,
                 state.to(states.dtype.element_ty), mask=mask_ne,
             )
-        tok = seq * seq_len + k * CHUNK + offs_c
-        mask_c = k * CHUNK + offs_c < seq_len
+        pos = k * CHUNK + offs_c
+        tok = seq * seq_len + pos
+        mask_c = pos < seq_len
         mask_ce = mask_c[:, None] & mask_e[None, :]
         rows = tok[:, None] * width + offs_e[None, :]
         dt_c, _ = load_dt(dt, bias, rows, mask_ce, HAS_BIAS, SOFTPLUS)
@@ -123,6 +148,11 @@ def selective_scan_fwd_kernel(
         b_c = tl.load(B + tok[:, None] * d_state + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
         decay = tl.exp2(dt_c[:, None, :] * a_log2[None, :, :])  # (c, n, e); 1 on padded rows
         u = (dt_c * x_c)[:, None, :] * b_c[:, :, None]
+        if VARLEN:
+            seq_c, starts_here, ends_here = sequence_edges(cu_seqlens, seq_idx, pos, mask_c)
+            if HAS_SEQ_INIT:
+                u += decay * load_per_sequence(seq_init, seq_c, starts_here, ne, mask_ne, width * d_state)
+            decay = tl.where(starts_here[:, None, None], 0.0, decay)  # nothing carried across a boundary
         u += tl.where(first, decay * state[None, :, :], 0.0)
         _, h = tl.associative_scan((decay, u), 0, first_order_combine)
         state = tl.sum(tl.where(last, h, 0.0), 0)  # padded rows carry the last real state
@@ -146,8 +176,11 @@ def selective_scan_fwd_kernel(
                 z_c = tl.load(z + rows, mask=mask_ce, other=0.0).to(tl.float32)
                 out *= z_c * tl.sigmoid(z_c)
             tl.store(y + rows, out.to(y.dtype.element_ty), mask=mask_ce)
+            if VARLEN:
+                at = seq_c[:, None, None] * width * d_state + ne[None, :, :]
+                tl.store(final + at, h, mask=ends_here[:, None, None] & mask_ne[None, :, :])
     if CARRY_ONLY:
         tl.store(seg_end + part * width * d_state + ne, state, mask=mask_ne)
         tl.store(seg_dt + part * width + offs_e, dt_sum, mask=mask_e)
-    else:
+    elif not VARLEN:
         tl.store(final + seq * width * d_state + ne, state, mask=mask_ne & (seg == tl.num_programs(2) - 1))

@@ -5,6 +5,8 @@ and the dispatch picking them for SelectiveSSM under the "triton" selection.
 On a machine without CUDA the kernels run in Triton's interpreter (conftest.py), so shapes stay tiny.
 """
 
+import itertools
+
 import pytest
 import torch
 
@@ -121,6 +123,54 @@ def test_sequence_segments(case, chunks_per_segment, monkeypatch):
     check_against_reference(kw, softplus, chunk, TOL)
 
 
+def packed_reference(kw, lengths, dt_softplus):
+    """selective_scan_ref in float64 on each packed sequence alone, from its own initial state; returns
+    (y (1, l, e), final (s, e, n), leaves)."""
+    leaves = {k: None if v is None else v.detach().double().requires_grad_(True) for k, v in kw.items()}
+    dt = prepare_dt_ref(leaves["dt"], leaves["dt_bias"], dt_softplus).double()
+    ys, finals, start = [], [], 0
+    for i, length in enumerate(lengths):
+        part = slice(start, start + length)
+        seq = [t[:, part] for t in (leaves["x"], dt)] + [leaves["A"]] + [t[:, part] for t in (leaves["B"], leaves["C"])]
+        init = None if leaves["initial_state"] is None else leaves["initial_state"][i : i + 1]
+        if length:
+            y, final = selective_scan_ref(*seq, leaves["D"], leaves["z"][:, part], init)
+            ys.append(y)
+        else:  # an empty sequence ends where it starts
+            final = init if init is not None else leaves["x"].new_zeros(1, *leaves["A"].shape)
+        finals.append(final)
+        start += length
+    return torch.cat(ys, 1), torch.cat(finals), leaves
+
+
+PACKED = {  # lengths (chunk 8: boundaries inside chunks, on a chunk start, a one-token and an empty sequence)
+    "7-1-13-9": (7, 1, 13, 9),
+    "8-16-0-5": (8, 16, 0, 5),
+}
+
+
+@pytest.mark.parametrize("has_init", [False, True], ids=["zero-start", "initial-states"])
+@pytest.mark.parametrize("lengths", list(PACKED.values()), ids=list(PACKED))
+def test_packed_sequences_match_separate_runs(lengths, has_init):
+    """cu_seqlens: every sequence restarts from its own initial state, its final state comes out on its own,
+    and every gradient (initial states' too) equals that of running the sequences one by one."""
+    s, l = len(lengths), sum(lengths)
+    kw = make_inputs(1, l, 12, 6, True, True, True, False)
+    kw["initial_state"] = torch.randn(s, 12, 6, device=DEVICE).requires_grad_(True) if has_init else None
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+    y, final = selective_scan_triton(**kw, dt_softplus=True, cu_seqlens=cu_seqlens, chunk_size=8)
+    y_ref, final_ref, ref_leaves = packed_reference(kw, lengths, True)
+    assert final.shape == (s, 12, 6)
+    assert_close(y, y_ref, TOL, "y")
+    assert_close(final, final_ref, TOL, "final_state")
+    dy, dfinal = torch.randn_like(y_ref), torch.randn_like(final_ref)
+    torch.autograd.backward((y, final), (dy.to(y), dfinal.to(final)))
+    torch.autograd.backward((y_ref, final_ref), (dy, dfinal))
+    for name, leaf in kw.items():
+        if leaf is not None:
+            assert_close(leaf.grad, ref_leaves[name].grad, TOL, f"d{name}")
+
+
 def test_bfloat16_inputs():
     kw = make_inputs(1, 13, 8, 4, True, True, True, True, dtype=torch.bfloat16)
     check_against_reference(kw, True, 8, TOL_BF16)
@@ -140,12 +190,18 @@ def test_final_state_gradient_alone():
 def test_custom_ops_pass_opcheck():
     kw = make_inputs(1, 9, 4, 4, True, True, True, True)
     args = [kw[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")]
-    torch.library.opcheck(selective_scan_fwd, (*args, True, 8, True))
-    y, final, states = selective_scan_fwd(*args, True, 8, True)
+    torch.library.opcheck(selective_scan_fwd, (*args, None, True, 8, True))
+    y, final, states = selective_scan_fwd(*args, None, True, 8, True)
     assert states.shape == (1, 2, 4, 4)  # the state before each of the 2 chunks, kept for the backward
     plain = [t.detach() for t in args]
     grads = (torch.randn_like(y), torch.randn_like(final), states.detach())
-    torch.library.opcheck(selective_scan_bwd, (*grads, *plain, True, 8))
+    torch.library.opcheck(selective_scan_bwd, (*grads, *plain, None, True, 8))
+    packed = [*args[:-1], torch.randn(2, 4, 4, device=DEVICE, requires_grad=True)]
+    cu_seqlens = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(selective_scan_fwd, (*packed, cu_seqlens, True, 8, True))
+    y, final, states = selective_scan_fwd(*packed, cu_seqlens, True, 8, True)
+    grads = (torch.randn_like(y), torch.randn_like(final), states.detach())
+    torch.library.opcheck(selective_scan_bwd, (*grads, *[t.detach() for t in packed], cu_seqlens, True, 8))
     step = (plain[0][:, 0], plain[1][:, 0].abs(), plain[2], plain[3][:, 0], plain[4][:, 0])
     torch.library.opcheck(
         selective_scan_step, (*step, torch.randn(1, 4, 4, device=DEVICE), plain[5], plain[6][:, 0], None, False)
@@ -195,6 +251,14 @@ def test_bad_arguments_name_the_problem():
         selective_scan_triton(**{**kw, "A": kw["A"][:3]})
     with pytest.raises(ValueError, match="initial_state must be"):
         selective_scan_triton(**{**kw, "initial_state": torch.zeros(2, 4, 4, device=DEVICE)})
+    cu_seqlens = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="one per sequence"):
+        selective_scan_triton(**{**kw, "initial_state": torch.zeros(1, 4, 4, device=DEVICE)}, cu_seqlens=cu_seqlens)
+    with pytest.raises(ValueError, match="cu_seqlens must be int32"):
+        selective_scan_triton(**kw, cu_seqlens=cu_seqlens.long())
+    two = make_inputs(2, 8, 4, 4, False, False, False, False)
+    with pytest.raises(ValueError, match="batch size 1, got 2"):
+        selective_scan_triton(**two, cu_seqlens=cu_seqlens)
 
 
 def test_selective_ssm_takes_the_triton_kernels_under_the_triton_selection():
