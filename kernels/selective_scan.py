@@ -18,6 +18,7 @@ import triton
 
 from ssmblocks.ops.pool import state_rows
 
+from ._packed import sequence_count
 from ._segments import count_segments, launch_on_segments
 from .selective_scan_bwd import selective_scan_bwd_kernel
 from .selective_scan_fwd import selective_scan_fwd_kernel
@@ -66,13 +67,7 @@ def _check(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, chunk_size)
             raise ValueError(f"{name} must be (e,) = ({e},), got {tuple(t.shape)}")
     if z is not None and z.shape != x.shape:
         raise ValueError(f"z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
-    n_seq = b
-    if cu_seqlens is not None:
-        if b != 1:
-            raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {b}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens must be int32 of shape (s + 1,), s >= 1")
-        n_seq = cu_seqlens.numel() - 1
+    n_seq = sequence_count(cu_seqlens, b)
     if initial_state is not None and initial_state.shape != (n_seq, e, n):
         raise ValueError(
             f"initial_state must be (s, e, n) = {(n_seq, e, n)}, one per sequence, got {tuple(initial_state.shape)}"
@@ -131,7 +126,8 @@ def selective_scan_fwd(
     init = None if initial_state is None else initial_state.float().contiguous()
     final = x.new_empty(b, e, n, dtype=torch.float32)
     if cu_seqlens is not None:  # an empty sequence's final state is its initial one; the others are written
-        final = init.clone() if init is not None else x.new_zeros(_n_seq(b, cu_seqlens), e, n, dtype=torch.float32)
+        n_seq = sequence_count(cu_seqlens, b)
+        final = init.clone() if init is not None else x.new_zeros(n_seq, e, n, dtype=torch.float32)
     states = x.new_empty(b, triton.cdiv(l, chunk_size) if keep_states else 0, e, n)
     seq_idx = _sequence_of_each_token(cu_seqlens, l)
 
@@ -152,10 +148,6 @@ def selective_scan_fwd(
     return y, final, states
 
 
-def _n_seq(b, cu_seqlens):
-    return b if cu_seqlens is None else cu_seqlens.numel() - 1
-
-
 def _sequence_of_each_token(cu_seqlens, l):
     """(l,) int32: the packed sequence each token belongs to, or None without cu_seqlens."""
     if cu_seqlens is None:
@@ -171,7 +163,7 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, chu
     chunks = -(-l // chunk_size) if keep_states else 0
     return (
         torch.empty_like(x),
-        x.new_empty(_n_seq(b, cu_seqlens), e, n, dtype=torch.float32),
+        x.new_empty(sequence_count(cu_seqlens, b), e, n, dtype=torch.float32),
         x.new_empty(b, chunks, e, n),
     )
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._packed import sequence_count
 from .ssd_scan import ssd_scan_fwd_kernel
 from .ssd_scan_bwd import ssd_scan_bwd_dbc_kernel, ssd_scan_bwd_dx_kernel
 from .ssd_state import ssd_state_bwd_kernel, ssd_state_fwd_kernel
@@ -52,13 +53,7 @@ def _check(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, chunk_size)
         raise ValueError(f"z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
     if dt_bias is not None and dt_bias.shape != (h,):
         raise ValueError(f"dt_bias must be (h,) = ({h},), got {tuple(dt_bias.shape)}")
-    n_seq = b
-    if cu_seqlens is not None:
-        if b != 1:
-            raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {b}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens must be int32 of shape (n + 1,), n >= 1")
-        n_seq = cu_seqlens.numel() - 1
+    n_seq = sequence_count(cu_seqlens, b)
     if initial_state is not None and initial_state.shape != (n_seq, h, p, B.shape[3]):
         raise ValueError(
             f"initial_state must be {(n_seq, h, p, B.shape[3])} (one per sequence), got {tuple(initial_state.shape)}"
