@@ -10,6 +10,8 @@ the full launch runs every segment at once from its true carry.
 import torch
 import triton
 
+from ._device import sm_count
+
 MAX_SEGMENTS = 16
 
 
@@ -19,7 +21,7 @@ def count_segments(programs, n_chunks, device, per_sm, carry_cost):
     SMs x per_sm programs at once. One where the GPU is unknown (the interpreter)."""
     if device.type != "cuda":
         return 1
-    slots = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+    slots = sm_count(device) * per_sm
 
     def cost(s):
         return triton.cdiv(programs * s, slots) * triton.cdiv(n_chunks, s) * (1 + carry_cost * (s > 1))

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import sm_count
+
 MAX_GROUP = 8192
 
 
@@ -131,7 +133,7 @@ def _blocks(group_size: int) -> tuple[int, int, int]:
 
 def _programs(device: torch.device) -> int:
     """How many programs share the rows in the backward: a few per multiprocessor on CUDA."""
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return 4 * sm_count(device) or 2
 
 
 def _forward(x, z, residual, weight, eps, group_size, norm_before_gate):

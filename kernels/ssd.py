@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._device import sm_count
 from ._packed import sequence_count
 from .ssd_scan import ssd_scan_fwd_kernel
 from .ssd_scan_bwd import ssd_scan_bwd_dbc_kernel, ssd_scan_bwd_dx_kernel
@@ -110,11 +111,6 @@ class _Layout:
         return self.chunk_table, self.chunk_cu, self.cu_seqlens
 
 
-def _sm_count(device) -> int:
-    """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
-
-
 def _state_grid(lay, device):
     """(grid, BLOCK_P, BLOCK_N) of the state passes: one program per sequence, head and (BLOCK_P, BLOCK_N) tile.
 
@@ -125,7 +121,7 @@ def _state_grid(lay, device):
     block_p = min(lay.block_p, 64)
     p_tiles = triton.cdiv(lay.head_dim, block_p)
     block_n = min(128, max(lay.block_n, triton.next_power_of_2(lay.d_state)))
-    if lay.n_seq * lay.heads * p_tiles * triton.cdiv(lay.d_state, block_n) < _sm_count(device):
+    if lay.n_seq * lay.heads * p_tiles * triton.cdiv(lay.d_state, block_n) < sm_count(device):
         block_n = lay.block_n
     return (lay.n_seq, lay.heads, p_tiles * triton.cdiv(lay.d_state, block_n)), block_p, block_n
 

@@ -50,9 +50,10 @@ def ssd_step_kernel(
     tl.store(y + (row * heads + head) * head_dim + offs_p, out.to(y.dtype.element_ty), mask=mask_p)
 
 
-def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """t with every dimension after the first packed (only the batch stride free), else a copy."""
-    if t is None or t[0].is_contiguous():
+def packed_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t with every dimension after the first packed (only the batch stride free, as in a slice of a wider
+    row), else a copy; None and empty tensors stay as they are."""
+    if t is None or t.numel() == 0 or t[0].is_contiguous():
         return t
     return t.contiguous()
 
@@ -72,7 +73,7 @@ def ssd_step_op(
     """y: (b, h, p) in x's dtype; state (or its slots state_indices) updated in place."""
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
-    x, dt, B, C, z = (_rows(t) for t in (x, dt, B, C, z))
+    x, dt, B, C, z = (packed_rows(t) for t in (x, dt, B, C, z))
     D = None if D is None else D.contiguous()
     y = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
     block_n = triton.next_power_of_2(n)

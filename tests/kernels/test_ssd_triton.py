@@ -85,7 +85,7 @@ def test_forward_and_gradients(case):
 def test_state_passes_over_one_or_several_state_tiles(sm_count, monkeypatch):
     """d_state 80: the state passes take it as one 128-wide tile where the GPU has programs enough for that, else
     as two 64-wide tiles (whose second is part masked)."""
-    monkeypatch.setattr(ssd_kernels, "_sm_count", lambda device: sm_count)
+    monkeypatch.setattr(ssd_kernels, "sm_count", lambda device: sm_count)
     kw = make_inputs(1, 37, 2, 16, 1, 80, "h", True, True, True)
     check_against_reference(kw, True, (0.0, float("inf")), 16)
 
