@@ -23,6 +23,7 @@ from ._segments import count_segments, launch_on_segments
 from .selective_scan_bwd import selective_scan_bwd_kernel
 from .selective_scan_fwd import selective_scan_fwd_kernel
 from .selective_scan_step import selective_scan_step_kernel
+from .ssd_step import packed_rows
 
 CHUNK_SIZES = (4, 8, 16, 32, 64)
 DEFAULT_CHUNK_SIZE = 16  # the backward's chunk, and the spacing of the states the forward keeps for it
@@ -124,8 +125,9 @@ def selective_scan_fwd(
     segments = triton.cdiv(n_iter, seg_chunks)
     y = torch.empty_like(x)
     init = None if initial_state is None else initial_state.float().contiguous()
-    final = x.new_empty(b, e, n, dtype=torch.float32)
-    if cu_seqlens is not None:  # an empty sequence's final state is its initial one; the others are written
+    if cu_seqlens is None:
+        final = x.new_empty(b, e, n, dtype=torch.float32)
+    else:  # an empty sequence's final state is its initial one; the others are written
         n_seq = sequence_count(cu_seqlens, b)
         final = init.clone() if init is not None else x.new_zeros(n_seq, e, n, dtype=torch.float32)
     states = x.new_empty(b, triton.cdiv(l, chunk_size) if keep_states else 0, e, n)
@@ -133,8 +135,8 @@ def selective_scan_fwd(
 
     def launch(starts, seg_end=None, seg_dt=None):
         selective_scan_fwd_kernel[(b, blocks, segments)](
-            x, dt, dt_bias, A, B, C, D, z, starts, y, final, states, seg_end, seg_dt, cu_seqlens, seq_idx,
-            init if cu_seqlens is not None else None, l, e, n, seg_chunks,
+            x, dt, dt_bias, A, B, C, D, z, starts, y, final, states, seg_end, seg_dt, cu_seqlens, seq_idx, init,
+            l, e, n, seg_chunks,
             CHUNK=steps, BLOCK_E=block_e, BLOCK_N=block_n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_START=starts is not None, STORE_STATES=keep_states,
             STATE_CHUNK=chunk_size, CARRY_ONLY=seg_end is not None, VARLEN=cu_seqlens is not None,
@@ -206,8 +208,11 @@ def selective_scan_bwd(
     dz = torch.empty_like(z) if z is not None else None
     dB, dC = (torch.zeros(b, l, n, device=x.device, dtype=torch.float32) for _ in range(2))
     varlen = cu_seqlens is not None
-    dinit = x.new_empty(b, e, n, dtype=torch.float32) if initial_state is not None else None
-    if varlen and dinit is not None:  # an empty sequence passes dfinal on to its initial state; the others are written
+    if initial_state is None:
+        dinit = None
+    elif not varlen:
+        dinit = x.new_empty(b, e, n, dtype=torch.float32)
+    else:  # an empty sequence passes dfinal on to its initial state; the others are written
         dinit = dfinal.float().clone() if dfinal is not None else torch.zeros_like(initial_state, dtype=torch.float32)
     n_chunks, blocks = triton.cdiv(l, chunk_size), triton.cdiv(e, block_e)
     split = 1 if varlen else _backward_segments(b * blocks, n_chunks, x.device)
@@ -357,7 +362,7 @@ def selective_scan_step(
     dt_softplus: bool,
 ) -> torch.Tensor:
     """y: (b, e) in x's dtype; ``state`` (b, e, n, contiguous; or its slots state_indices) updated in place."""
-    x, dt, B, C, z = (None if t is None else t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C, z))
+    x, dt, B, C, z = (packed_rows(t) for t in (x, dt, B, C, z))
     A, D = _contiguous(A, D)
     b, e = x.shape
     block_e, block_n = _blocks(e, A.shape[1], max(1, 1024 // triton.next_power_of_2(A.shape[1])))
