@@ -18,7 +18,7 @@ import triton
 
 from ssmblocks.ops.pool import state_rows
 
-from ._packed import sequence_count
+from ._packed import sequence_count, token_sequences
 from ._segments import count_segments, launch_on_segments
 from .selective_scan_bwd import selective_scan_bwd_kernel
 from .selective_scan_fwd import selective_scan_fwd_kernel
@@ -131,7 +131,7 @@ def selective_scan_fwd(
         n_seq = sequence_count(cu_seqlens, b)
         final = init.clone() if init is not None else x.new_zeros(n_seq, e, n, dtype=torch.float32)
     states = x.new_empty(b, triton.cdiv(l, chunk_size) if keep_states else 0, e, n)
-    seq_idx = _sequence_of_each_token(cu_seqlens, l)
+    seq_idx = token_sequences(cu_seqlens, l)
 
     def launch(starts, seg_end=None, seg_dt=None):
         selective_scan_fwd_kernel[(b, blocks, segments)](
@@ -148,15 +148,6 @@ def selective_scan_fwd(
     else:
         _launch_on_segments(launch, None if init is None else init.view(b, 1, e, n), A, (b, segments, e, n), True)
     return y, final, states
-
-
-def _sequence_of_each_token(cu_seqlens, l):
-    """(l,) int32: the packed sequence each token belongs to, or None without cu_seqlens."""
-    if cu_seqlens is None:
-        return None
-    tokens = torch.arange(l, device=cu_seqlens.device, dtype=torch.int32)
-    seq = torch.searchsorted(cu_seqlens, tokens, right=True) - 1
-    return seq.clamp_(0, cu_seqlens.numel() - 2).to(torch.int32)  # tokens past cu_seqlens[-1]: the last one's
 
 
 @selective_scan_fwd.register_fake
@@ -218,7 +209,7 @@ def selective_scan_bwd(
     split = 1 if varlen else _backward_segments(b * blocks, n_chunks, x.device)
     seg_chunks = triton.cdiv(n_chunks, split)
     segments = triton.cdiv(n_chunks, seg_chunks)
-    seq_idx = _sequence_of_each_token(cu_seqlens, l)
+    seq_idx = token_sequences(cu_seqlens, l)
     seq_dfinal = None if dfinal is None or not varlen else dfinal.float().contiguous()
     seq_init = None if initial_state is None or not varlen else initial_state.float().contiguous()
     dA_part = x.new_empty(b, segments, e, n, dtype=torch.float32)

@@ -293,8 +293,8 @@ class BCGatheringConv1d(CausalConv1d):
         self.weight, self.bias = conv.weight, conv.bias
         self.group, self.inner, self.n_groups, self.rank_group = group, inner, n_groups, rank_group
 
-    def conv(self, x, conv_state=None, mask=None):
-        y = super().conv(x, conv_state, mask)
+    def conv(self, x, conv_state=None, mask=None, cu_seqlens=None):
+        y = super().conv(x, conv_state, mask, cu_seqlens)
         xs, bc = y.split([self.inner, y.shape[-1] - self.inner], dim=-1)
         t, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         b, l, _ = bc.shape

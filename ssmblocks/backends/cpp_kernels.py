@@ -105,15 +105,19 @@ def _work(x: torch.Tensor, *tensors: torch.Tensor | None) -> list[torch.Tensor |
 # Each op's C++ implementation (same arguments as its torch implementation in ssmblocks/ops) and condition.
 
 
-def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, *, dt_softplus=False):
+def selective_scan(
+    x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, *, dt_softplus=False, cu_seqlens=None
+):
     """One pass over time: chunk_size, the chunked algorithm's, has no meaning here."""
     xw, dt, A, B, C, D, z, h0 = _work(x, dt, A, B, C, D, z, initial_state)
     y, h = library().selective_scan(xw, step_size(dt, dt_softplus, xw.dtype), A, B, C, D, z, h0)
     return y.to(x.dtype), h
 
 
-def selective_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, *, dt_softplus=False):
-    return may_run(x, dt, A, B, C, D, z, initial_state)
+def selective_scan_may_run(
+    x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, *, dt_softplus=False, cu_seqlens=None
+):
+    return cu_seqlens is None and may_run(x, dt, A, B, C, D, z, initial_state)
 
 
 def selective_scan_step(x, dt, A, B, C, state, D=None, z=None, *, dt_softplus=False):
@@ -129,7 +133,7 @@ def selective_scan_step_may_run(x, dt, A, B, C, state, D=None, z=None, state_ind
     )
 
 
-def ssd_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None):
+def ssd_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, cu_seqlens=None):
     """One pass over time, each head's state block in the caches: chunk_size has no meaning here."""
     y, state = library().ssd_scan(*_work(x, dt, A, B, C, D, initial_state))
     if z is not None:
@@ -137,17 +141,18 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None
     return y.to(x.dtype), state
 
 
-def ssd_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None):
-    return may_run(x, dt, A, B, C, D, z, initial_state)
+def ssd_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, cu_seqlens=None):
+    return cu_seqlens is None and may_run(x, dt, A, B, C, D, z, initial_state)
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, conv_state=None, mask=None):
+def causal_conv1d(x, weight, bias=None, activation=None, conv_state=None, mask=None, cu_seqlens=None):
     return library().causal_conv1d(x, weight[:, 0], bias, conv_state, activation == "silu")
 
 
-def causal_conv1d_may_run(x, weight, bias=None, activation=None, conv_state=None, mask=None):
+def causal_conv1d_may_run(x, weight, bias=None, activation=None, conv_state=None, mask=None, cu_seqlens=None):
     return (
         mask is None
+        and cu_seqlens is None
         and weight.shape[-1] <= 4
         and (conv_state is None or conv_state.is_contiguous())
         and may_run_one_float(x, weight, bias, conv_state)

@@ -17,14 +17,16 @@
 The three steps take ``state_indices`` for a pool of states (every torch and triton step; "no pool": that cpp
 step declines such a call). Every cpp implementation also needs plain CPU tensors, no gradient through them, no
 torch.compile tracing and the kernels built; the float32/float64-only ones say so in their condition (cpp_kernels.py).
+Packed sequences (``cu_seqlens``) run natively in the triton ssd_scan and causal_conv1d, as a right-padded batch
+in ssd_scan_torch; the cpp ones decline them.
 
 | op                   | triton (triton_kernels.py: CUDA, autograd, custom ops; kernels in ``kernels/``)     |
 |----------------------|--------------------------------------------------------------------------------------|
 | selective_scan       | selective_scan (chunked; float32/bf16/fp16 inputs; chunk_size None or 8, 16, 32, 64) |
 | selective_scan_step  | selective_scan_step (no autograd; state contiguous, float32/bf16/fp16)               |
-| ssd_scan             | ssd_scan (chunked; float32/bf16/fp16 inputs; chunk_size None or 16, 32, 64, 128)      |
+| ssd_scan             | ssd_scan (chunked; float32/bf16/fp16 inputs; chunk_size None or 16, 32, 64, 128; packed) |
 | ssd_step             | ssd_step (state contiguous; no autograd: decode)                                     |
-| causal_conv1d        | causal_conv1d (width 2..4; mask, conv_state; no gradient for conv_state)             |
+| causal_conv1d        | causal_conv1d (width 2..4; mask, conv_state, packed; no gradient for conv_state)     |
 | causal_conv1d_step   | causal_conv1d_step (width 2..4; state unit last stride; no autograd: decode)         |
 | rms_norm             | rms_norm (group_size <= 8192)                                                        |
 | gated_rms_norm       | gated_rms_norm (group_size <= 8192; norm_before_gate both ways)                      |

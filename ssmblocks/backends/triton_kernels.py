@@ -60,29 +60,37 @@ def may_run(*tensors: torch.Tensor | None) -> bool:
     return interpreted and all(type(t) in _PLAIN and t.device.type == "cpu" for t in present)
 
 
-def ssd_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None):
+def _int32(cu_seqlens):
+    return None if cu_seqlens is None else cu_seqlens.to(torch.int32)
+
+
+def ssd_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, cu_seqlens=None):
     chunk = _ssd().DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-    return _ssd().ssd_chunked_triton(x, dt, A, B, C, D, z, initial_state=initial_state, chunk_size=chunk)
+    return _ssd().ssd_chunked_triton(
+        x, dt, A, B, C, D, z, initial_state=initial_state, cu_seqlens=_int32(cu_seqlens), chunk_size=chunk
+    )
 
 
-def ssd_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None):
+def ssd_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, cu_seqlens=None):
     return (
         x.dtype in _DTYPES
-        and may_run(x, dt, A, B, C, D, z, initial_state)
+        and may_run(x, dt, A, B, C, D, z, initial_state, cu_seqlens)
         and (kernels := _ssd()) is not None
         and (chunk_size is None or chunk_size in kernels.CHUNK_SIZES)
     )
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, conv_state=None, mask=None):
-    return _kernel("conv1d").causal_conv1d_triton(x, weight, bias, activation, conv_state, mask)
+def causal_conv1d(x, weight, bias=None, activation=None, conv_state=None, mask=None, cu_seqlens=None):
+    return _kernel("conv1d").causal_conv1d_triton(
+        x, weight, bias, activation, conv_state, mask, cu_seqlens=_int32(cu_seqlens)
+    )
 
 
-def causal_conv1d_may_run(x, weight, bias=None, activation=None, conv_state=None, mask=None):
+def causal_conv1d_may_run(x, weight, bias=None, activation=None, conv_state=None, mask=None, cu_seqlens=None):
     return (
         x.dtype in _DTYPES
         and x.dim() == 3
-        and may_run(x, weight, bias, conv_state, mask)
+        and may_run(x, weight, bias, conv_state, mask, cu_seqlens)
         and (kernels := _kernel("conv1d")) is not None
         and 2 <= weight.shape[-1] <= kernels.MAX_WIDTH
         and not (conv_state is not None and conv_state.requires_grad)  # no gradient for the carried state
@@ -153,17 +161,22 @@ def ssd_step_may_run(x, dt, A, B, C, state, D=None, z=None, state_indices=None):
     )
 
 
-def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, *, dt_softplus=False):
+def selective_scan(
+    x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, *, dt_softplus=False, cu_seqlens=None
+):
     chunk = _kernel("selective_scan").DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     return _kernel("selective_scan").selective_scan_triton(
-        x, dt, A, B, C, D, z, dt_softplus=dt_softplus, initial_state=initial_state, chunk_size=chunk
+        x, dt, A, B, C, D, z, dt_softplus=dt_softplus, initial_state=initial_state, cu_seqlens=_int32(cu_seqlens),
+        chunk_size=chunk,
     )
 
 
-def selective_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, *, dt_softplus=False):
+def selective_scan_may_run(
+    x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, *, dt_softplus=False, cu_seqlens=None
+):
     return (
         x.dtype in _DTYPES
-        and may_run(x, dt, A, B, C, D, z, initial_state)
+        and may_run(x, dt, A, B, C, D, z, initial_state, cu_seqlens)
         and (kernels := _kernel("selective_scan")) is not None
         and (chunk_size is None or chunk_size in kernels.CHUNK_SIZES)
     )

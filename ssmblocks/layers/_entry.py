@@ -1,4 +1,5 @@
-"""The entry every sequence layer shares: checks, then packed input run as a right-padded batch."""
+"""The entry every sequence layer shares: checks, then the layer's computation (packed input natively where the
+layer can, else as a right-padded batch)."""
 
 from __future__ import annotations
 
@@ -45,11 +46,12 @@ def check_inputs(
 
 class SequenceLayer(torch.nn.Module):
     """Base of the sequence layers: ``forward`` validates the call, then runs ``_mix(x, state, mask)``, the
-    layer's own computation (packed sequences go through it as a right-padded batch, state None).
+    layer's own computation, or ``_mix_packed(x, cu_seqlens)`` for packed sequences.
 
     Subclasses set ``state_type`` and ``width`` (the size of the last input dimension) and implement
-    ``_mix`` and ``state_layout``. Their sizes (``n_heads``, ``d_inner``, ...) are the whole layer's; under
-    tensor parallelism over ``tp_size`` ranks each rank computes its share (``local_heads``, ...).
+    ``_mix`` and ``state_layout``; those whose ops take ``cu_seqlens`` also ``_mix_packed``. Their sizes
+    (``n_heads``, ``d_inner``, ...) are the whole layer's; under tensor parallelism over ``tp_size`` ranks each
+    rank computes its share (``local_heads``, ...).
     """
 
     state_type: type
@@ -71,5 +73,9 @@ class SequenceLayer(torch.nn.Module):
         """
         mask = check_inputs(self, x, self.width, state, self.state_type, attention_mask, cu_seqlens)
         if cu_seqlens is not None:
-            return run_packed(lambda padded: self._mix(padded, None, None), x, cu_seqlens)
+            return self._mix_packed(x, cu_seqlens)
         return self._mix(x, state, mask)
+
+    def _mix_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Packed sequences x (1, t, width), each from a fresh state: here as a right-padded batch."""
+        return run_packed(lambda padded: self._mix(padded, None, None), x, cu_seqlens)

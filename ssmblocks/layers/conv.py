@@ -68,14 +68,18 @@ class CausalConv1d(SequenceLayer):
         return {"conv": ((self.channels, self.kernel_size - 1), None)}
 
     def conv(
-        self, x: torch.Tensor, conv_state: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        conv_state: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The convolution alone (no checks): x (b, l, channels); conv_state (b, channels, k-1) or None;
-        mask (b, l) bool left padding, whose padded inputs are skipped."""
+        mask (b, l) bool left padding, whose padded inputs are skipped; cu_seqlens packed sequences (b = 1)."""
         weight, bias = local(self.weight), local(self.bias)
         if x.shape[1] == 1 and conv_state is not None and mask is None:  # decode's one token
             return causal_conv1d_step(x[:, 0], conv_state, weight, bias, self.activation)[:, None]
-        return causal_conv1d(x, weight, bias, self.activation, conv_state, mask)
+        return causal_conv1d(x, weight, bias, self.activation, conv_state, mask, cu_seqlens=cu_seqlens)
 
     @property
     def width(self) -> int:
@@ -83,6 +87,9 @@ class CausalConv1d(SequenceLayer):
 
     def _mix(self, x: torch.Tensor, state: ConvState | None, mask: torch.Tensor | None) -> torch.Tensor:
         return self.conv(x, None if state is None else state.conv, mask)
+
+    def _mix_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        return self.conv(x, cu_seqlens=cu_seqlens)
 
     def extra_repr(self) -> str:
         bias = self.bias is not None

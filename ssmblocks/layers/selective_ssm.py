@@ -122,9 +122,18 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
         """The inner channels this module computes: d_inner, or a rank's share under tensor parallelism."""
         return self.d_inner // self.tp_size
 
-    def _mix(self, x: torch.Tensor, state: SSMState | None, mask: torch.Tensor | None) -> torch.Tensor:
+    def _mix_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        return self._mix(x, None, None, cu_seqlens)
+
+    def _mix(
+        self,
+        x: torch.Tensor,
+        state: SSMState | None,
+        mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
-        xs = self.conv1d.conv(xs, None if state is None else state.conv, mask)
+        xs = self.conv1d.conv(xs, None if state is None else state.conv, mask, cu_seqlens)
         if mask is not None:
             xs = xs * mask[..., None]
         dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -136,7 +145,9 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
             y = selective_scan_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.ssm, D, z[:, 0], dt_softplus=True)
             y = y[:, None]
         else:
-            y, final = selective_scan(xs, dt, A, B, C, D, z, initial_state(state), dt_softplus=True)
+            y, final = selective_scan(
+                xs, dt, A, B, C, D, z, initial_state(state), dt_softplus=True, cu_seqlens=cu_seqlens
+            )
             if state is not None:
                 state.ssm.copy_(final)
         return self.out_proj(y)

@@ -155,12 +155,21 @@ class SSD(KeepFloat32, SequenceLayer):
         """The conv channels this module computes: conv_dim, or a rank's share under tensor parallelism."""
         return self.conv_dim // self.tp_size
 
-    def _mix(self, x: torch.Tensor, state: SSMState | None, mask: torch.Tensor | None) -> torch.Tensor:
+    def _mix_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        return self._mix(x, None, None, cu_seqlens)
+
+    def _mix(
+        self,
+        x: torch.Tensor,
+        state: SSMState | None,
+        mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, l, _ = x.shape
         h, p, n = self.local_heads, self.head_dim, self.d_state
         e = h * p
         z, xbc, dt = self.in_proj(x).split([e, self.local_conv_dim, h], dim=-1)
-        xbc = self.conv1d.conv(xbc, None if state is None else state.conv, mask)
+        xbc = self.conv1d.conv(xbc, None if state is None else state.conv, mask, cu_seqlens)
         g = (xbc.shape[-1] - e) // (2 * n)  # the groups of B and C these heads read
         xs, B, C = xbc.split([e, g * n, g * n], dim=-1)
         dt = F.softplus(at_least_float32(dt) + local(self.dt_bias)).clamp(*self.dt_limit)  # (b, l, h)
@@ -173,7 +182,8 @@ class SSD(KeepFloat32, SequenceLayer):
         if state is not None and l == 1:
             y = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.ssm, D)[:, None]
         else:
-            y, final = ssd_scan(xs, dt, A, B, C, D, initial_state=initial_state(state), chunk_size=self.chunk_size)
+            init, chunk = initial_state(state), self.chunk_size
+            y, final = ssd_scan(xs, dt, A, B, C, D, initial_state=init, chunk_size=chunk, cu_seqlens=cu_seqlens)
             if state is not None:
                 state.ssm.copy_(final)
         y = self.norm(y.reshape(b, l, e), z)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .packing import sequence_starts
 from .pool import on_slots
 
 
@@ -30,6 +31,7 @@ def causal_conv1d_torch(
     activation: str | None = None,
     conv_state: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal depthwise conv over time, computed channels-last as k shifted multiply-adds.
 
@@ -37,9 +39,22 @@ def causal_conv1d_torch(
     conv_state: (b, c, k - 1) inputs preceding x[:, 0]; updated in place to the last k - 1 inputs.
     mask: (b, l) bool left padding; padded inputs are skipped, so the state carries over to the first
     real token of each row. Outputs at padded positions are unspecified.
+    cu_seqlens: (s + 1,) int boundaries of packed sequences (b = 1; no state, no mask): each sequence's
+    first k - 1 outputs read zeros, not the sequence before it.
     Returns (b, l, c) in x's dtype.
     """
     l, k = x.shape[1], weight.shape[-1]
+    if cu_seqlens is not None:
+        if conv_state is not None or mask is not None:
+            raise ValueError("causal_conv1d: cu_seqlens (packed sequences) takes neither a conv_state nor a mask")
+        # tap j reads t - (k - 1 - j): zero it where that lies before t's own sequence
+        first = sequence_starts(cu_seqlens.to(x.device), l)
+        t = torch.arange(l, device=x.device)
+        taps = [(t - (k - 1 - j) >= first)[:, None].to(x.dtype) for j in range(k)]
+        full = F.pad(x, (0, 0, k - 1, 0))
+        y = sum(full[:, j : j + l] * weight[:, 0, j].to(x.dtype) * taps[j] for j in range(k))
+        y = y if bias is None else y + bias.to(x.dtype)
+        return F.silu(y) if activation == "silu" else y
     if conv_state is None:
         if mask is not None:
             x = x * mask[..., None]

@@ -69,12 +69,32 @@ def unpack_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, cols
 
 
+def sequence_starts(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(total,) int64: the position where each packed token's sequence starts."""
+    cu = cu_seqlens.to(torch.int64)
+    seq = torch.searchsorted(cu, torch.arange(total, device=cu.device), right=True) - 1
+    return cu[seq.clamp_(0, cu.numel() - 2)]
+
+
+class Unpacked:
+    """Packed tensors (1, t, ...) as a right-padded batch (n, max_len, ...) and back, for one ``cu_seqlens``."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, device: torch.device):
+        self.rows, self.cols = unpack_index(cu_seqlens.to(device))
+        self.n, self.max_len = cu_seqlens.numel() - 1, int(self.cols.max()) + 1
+
+    def pad(self, t: torch.Tensor | None, fill: float = 0.0) -> torch.Tensor | None:
+        """(1, t, ...) -> (n, max_len, ...), ``fill`` after each sequence (differentiable)."""
+        if t is None:
+            return None
+        return t.new_full((self.n, self.max_len, *t.shape[2:]), fill).index_put((self.rows, self.cols), t[0])
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """(n, max_len, ...) -> (1, t, ...): the real positions only."""
+        return t[self.rows, self.cols].unsqueeze(0)
+
+
 def run_packed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Apply a causal ``fn(padded (n, max_len, d)) -> (n, max_len, d_out)`` to packed ``x (1, t, d)``."""
-    rows, cols = unpack_index(cu_seqlens.to(x.device))
-    n = cu_seqlens.numel() - 1
-    max_len = int(cols.max()) + 1
-    padded = x.new_zeros(n, max_len, x.shape[-1])
-    padded = padded.index_put((rows, cols), x[0])
-    out = fn(padded)
-    return out[rows, cols].unsqueeze(0)
+    batch = Unpacked(cu_seqlens, x.device)
+    return batch.pack(fn(batch.pad(x)))

@@ -11,9 +11,12 @@ their own). Every function returns ``y`` in x's dtype and computes in float32 (f
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from .packing import Unpacked
 from .pool import on_slots
 from .ssd import update_state
 
@@ -57,7 +60,18 @@ CHUNK_SIZE = 16  # steps per chunk of the torch path when none is given
 
 
 def selective_scan_torch(
-    x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: int | None = None, *, dt_softplus: bool = False
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    initial_state=None,
+    chunk_size: int | None = None,
+    *,
+    dt_softplus: bool = False,
+    cu_seqlens=None,
 ):
     """Chunked selective scan: a Python loop over chunks only (state passed between them).
 
@@ -67,7 +81,16 @@ def selective_scan_torch(
     exp(-L); a chunk that decays further than that gets its states from a log-depth (Hillis-Steele) scan
     instead, which only multiplies decays <= 1. Without autograd the loop runs in place in reused buffers.
     chunk_size: c (None: ``CHUNK_SIZE``). Returns (y, final_state).
+    cu_seqlens: (s + 1,) int boundaries of s packed sequences (b = 1), each scanned alone from
+    initial_state[i] (s, e, n) or zeros; final_state is then (s, e, n). Here they run as a right-padded batch
+    (a step size of 0 after each sequence).
     """
+    if cu_seqlens is not None:
+        batch = Unpacked(cu_seqlens, x.device)
+        x, B, C, z = map(batch.pad, (x, B, C, z))
+        dt = batch.pad(dt, -math.inf if dt_softplus else 0.0)  # softplus(-inf) = 0
+        y, final = selective_scan_torch(x, dt, A, B, C, D, z, initial_state, chunk_size, dt_softplus=dt_softplus)
+        return batch.pack(y), final
     wd = _work_dtype(x)
     chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
     b, l, e = x.shape

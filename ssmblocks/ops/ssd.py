@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .packing import Unpacked
 from .pool import on_slots
 
 
@@ -73,7 +74,9 @@ def _decay_matrix(a_cum: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 CHUNK_SIZE = 64  # the torch path's chunk when none is given: 3.5x faster than 256 on CPU (docs/benchmarks.md)
 
 
-def ssd_scan_torch(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: int | None = None):
+def ssd_scan_torch(
+    x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size: int | None = None, cu_seqlens=None
+):
     """The chunked SSD algorithm: quadratic inside a chunk, linear (state passing) across chunks.
 
     Per chunk of c steps: (1) outputs from inputs of the same chunk through the masked decay matrix,
@@ -81,7 +84,15 @@ def ssd_scan_torch(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_siz
     chunk to chunk, (4) outputs from the chunk start state (3 and 4 in one loop over chunks). The tail is
     zero-padded with dt = 0, which leaves the final state unchanged. chunk_size: c (None: ``CHUNK_SIZE``);
     it changes the order of the arithmetic, never the result. Returns (y, final_state).
+    cu_seqlens: (s + 1,) int boundaries of s packed sequences (b = 1), each scanned alone from
+    initial_state[i] (s, h, p, n) or zeros; final_state is then (s, h, p, n). Here they run as a right-padded
+    batch (dt = 0 after each sequence).
     """
+    if cu_seqlens is not None:
+        batch = Unpacked(cu_seqlens, x.device)
+        x, dt, B, C, z = map(batch.pad, (x, dt, B, C, z))
+        y, final = ssd_scan_torch(x, dt, A, B, C, D, z, initial_state, chunk_size)
+        return batch.pack(y), final
     wd = _work_dtype(x)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
