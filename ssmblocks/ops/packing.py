@@ -1,8 +1,9 @@
 """Masks and packed sequences, handled the same way by every layer.
 
-Packed input (batch 1, sequences laid end to end, boundaries in ``cu_seqlens``) is unpacked into a
-right-padded batch, run through the layer's ordinary path, and packed back. Every mixer is causal, so
-right padding never reaches a real position and each sequence starts from a fresh state.
+Packed input (batch 1, sequences laid end to end, boundaries in ``cu_seqlens``) runs where no kernel takes it
+as it is in groups of sequences of similar length, each group unpacked into a right-padded batch, run
+through the ordinary path and packed back. Every mixer is causal, so right padding never reaches a real
+position and each sequence starts from a fresh state.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import ShapeError
 
@@ -57,16 +59,65 @@ def check_attention_mask(mask: torch.Tensor, x: torch.Tensor, layer: str) -> tor
     return mask
 
 
-def unpack_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For packed sequences, the (row, column) of every packed token in a right-padded batch.
+def _length_groups(cu_seqlens: torch.Tensor) -> tuple[list[int], list[list[int]]]:
+    """The packed sequences' bounds, and their indices grouped by length: each group's longest is at most twice
+    its shortest."""
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    groups = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if not groups or lengths[i] > 2 * lengths[groups[-1][0]]:
+            groups.append([])
+        groups[-1].append(i)
+    return bounds, groups
 
-    Returns rows, cols: (total,) int64.
+
+def _one_length(bounds: list[int]) -> bool:
+    return len({b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)}) == 1
+
+
+def _padded(t: torch.Tensor, bounds: list[int], group: list[int], fill: float) -> torch.Tensor:
+    """The group's sequences of packed t (1, t, ...) as a right-padded batch (len(group), longest, ...)."""
+    longest = max(bounds[i + 1] - bounds[i] for i in group)
+    pad = (0, 0) * (t.dim() - 2)
+    return torch.cat([F.pad(t[:, bounds[i] : bounds[i + 1]], (*pad, 0, longest - bounds[i + 1] + bounds[i]),
+                            value=fill) for i in group])  # fmt: skip
+
+
+def scan_by_length(scan: Callable, cu_seqlens: torch.Tensor, tokens: dict, initial_state: torch.Tensor | None):
+    """Run ``scan(initial_state=..., **padded) -> (y, final)`` over packed sequences, each group of similar
+    length as one right-padded batch, so the padding at most doubles the work.
+
+    tokens: name -> (packed (1, t, ...) tensor or None, the value to pad it with); initial_state: (s, ...) or
+    None. Returns y (1, t, ...) and final (s, ...), in the packed order.
     """
-    cu = cu_seqlens.to(torch.int64)
-    lengths = cu[1:] - cu[:-1]
-    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
-    cols = torch.arange(int(cu[-1]), device=cu.device) - cu[:-1][rows]
-    return rows, cols
+    bounds, groups = _length_groups(cu_seqlens)
+    if len(groups) == 1 and _one_length(bounds):  # the pack is a batch as it lies
+        n = len(bounds) - 1
+        batch = {k: None if t is None else t.unflatten(1, (n, -1))[0] for k, (t, _) in tokens.items()}
+        y, final = scan(initial_state=initial_state, **batch)
+        return y.flatten(0, 1)[None], final
+    ys, finals = {}, {}
+    for group in groups:
+        padded = {k: None if t is None else _padded(t, bounds, group, fill) for k, (t, fill) in tokens.items()}
+        y, final = scan(initial_state=None if initial_state is None else initial_state[group], **padded)
+        for row, i in enumerate(group):
+            ys[i], finals[i] = y[row : row + 1, : bounds[i + 1] - bounds[i]], final[row : row + 1]
+    return torch.cat([ys[i] for i in sorted(ys)], 1), torch.cat([finals[i] for i in sorted(finals)])
+
+
+def run_packed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Apply a causal ``fn(padded (n, max_len, d)) -> (n, max_len, d_out)`` to packed ``x (1, t, d)``, each
+    group of sequences of similar length as one right-padded batch."""
+    bounds, groups = _length_groups(cu_seqlens)
+    if len(groups) == 1 and _one_length(bounds):  # the pack is a batch as it lies
+        return fn(x.unflatten(1, (len(bounds) - 1, -1))[0]).flatten(0, 1)[None]
+    ys = {}
+    for group in groups:
+        y = fn(_padded(x, bounds, group, 0.0))
+        for row, i in enumerate(group):
+            ys[i] = y[row : row + 1, : bounds[i + 1] - bounds[i]]
+    return torch.cat([ys[i] for i in sorted(ys)], 1)
 
 
 def sequence_starts(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -74,27 +125,3 @@ def sequence_starts(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     cu = cu_seqlens.to(torch.int64)
     seq = torch.searchsorted(cu, torch.arange(total, device=cu.device), right=True) - 1
     return cu[seq.clamp_(0, cu.numel() - 2)]
-
-
-class Unpacked:
-    """Packed tensors (1, t, ...) as a right-padded batch (n, max_len, ...) and back, for one ``cu_seqlens``."""
-
-    def __init__(self, cu_seqlens: torch.Tensor, device: torch.device):
-        self.rows, self.cols = unpack_index(cu_seqlens.to(device))
-        self.n, self.max_len = cu_seqlens.numel() - 1, int(self.cols.max()) + 1
-
-    def pad(self, t: torch.Tensor | None, fill: float = 0.0) -> torch.Tensor | None:
-        """(1, t, ...) -> (n, max_len, ...), ``fill`` after each sequence (differentiable)."""
-        if t is None:
-            return None
-        return t.new_full((self.n, self.max_len, *t.shape[2:]), fill).index_put((self.rows, self.cols), t[0])
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        """(n, max_len, ...) -> (1, t, ...): the real positions only."""
-        return t[self.rows, self.cols].unsqueeze(0)
-
-
-def run_packed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Apply a causal ``fn(padded (n, max_len, d)) -> (n, max_len, d_out)`` to packed ``x (1, t, d)``."""
-    batch = Unpacked(cu_seqlens, x.device)
-    return batch.pack(fn(batch.pad(x)))

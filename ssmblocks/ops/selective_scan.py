@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .packing import Unpacked
+from .packing import scan_by_length
 from .pool import on_slots
 from .ssd import update_state
 
@@ -82,15 +82,16 @@ def selective_scan_torch(
     instead, which only multiplies decays <= 1. Without autograd the loop runs in place in reused buffers.
     chunk_size: c (None: ``CHUNK_SIZE``). Returns (y, final_state).
     cu_seqlens: (s + 1,) int boundaries of s packed sequences (b = 1), each scanned alone from
-    initial_state[i] (s, e, n) or zeros; final_state is then (s, e, n). Here they run as a right-padded batch
-    (a step size of 0 after each sequence).
+    initial_state[i] (s, e, n) or zeros; final_state is then (s, e, n). Here sequences of similar length run
+    together as a right-padded batch (a step size of 0 after each sequence).
     """
     if cu_seqlens is not None:
-        batch = Unpacked(cu_seqlens, x.device)
-        x, B, C, z = map(batch.pad, (x, B, C, z))
-        dt = batch.pad(dt, -math.inf if dt_softplus else 0.0)  # softplus(-inf) = 0
-        y, final = selective_scan_torch(x, dt, A, B, C, D, z, initial_state, chunk_size, dt_softplus=dt_softplus)
-        return batch.pack(y), final
+        def scan(x, dt, B, C, z, initial_state):
+            return selective_scan_torch(x, dt, A, B, C, D, z, initial_state, chunk_size, dt_softplus=dt_softplus)
+
+        dt_pad = -math.inf if dt_softplus else 0.0  # softplus(-inf) = 0
+        tokens = {"x": (x, 0.0), "dt": (dt, dt_pad), "B": (B, 0.0), "C": (C, 0.0), "z": (z, 0.0)}
+        return scan_by_length(scan, cu_seqlens, tokens, initial_state)
     wd = _work_dtype(x)
     chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
     b, l, e = x.shape

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .packing import Unpacked
+from .packing import scan_by_length
 from .pool import on_slots
 
 
@@ -85,14 +85,15 @@ def ssd_scan_torch(
     zero-padded with dt = 0, which leaves the final state unchanged. chunk_size: c (None: ``CHUNK_SIZE``);
     it changes the order of the arithmetic, never the result. Returns (y, final_state).
     cu_seqlens: (s + 1,) int boundaries of s packed sequences (b = 1), each scanned alone from
-    initial_state[i] (s, h, p, n) or zeros; final_state is then (s, h, p, n). Here they run as a right-padded
-    batch (dt = 0 after each sequence).
+    initial_state[i] (s, h, p, n) or zeros; final_state is then (s, h, p, n). Here sequences of similar length
+    run together as a right-padded batch (dt = 0 after each sequence).
     """
     if cu_seqlens is not None:
-        batch = Unpacked(cu_seqlens, x.device)
-        x, dt, B, C, z = map(batch.pad, (x, dt, B, C, z))
-        y, final = ssd_scan_torch(x, dt, A, B, C, D, z, initial_state, chunk_size)
-        return batch.pack(y), final
+        def scan(x, dt, B, C, z, initial_state):
+            return ssd_scan_torch(x, dt, A, B, C, D, z, initial_state, chunk_size)
+
+        tokens = {"x": (x, 0.0), "dt": (dt, 0.0), "B": (B, 0.0), "C": (C, 0.0), "z": (z, 0.0)}
+        return scan_by_length(scan, cu_seqlens, tokens, initial_state)
     wd = _work_dtype(x)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
