@@ -8,7 +8,6 @@ them on the CPU) also on CPU tensors, when the selection is "triton". Triton is 
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -25,26 +24,16 @@ def importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.cache
-def _ssd():
-    """``ssmblocks.kernels.ssd``, or None where Triton does not import."""
-    from .. import kernels
-
-    if not kernels.available():
-        return None
-    from ..kernels import ssd
-
-    return ssd
-
-
-@functools.cache
 def _kernel(name: str):
-    """The kernel module ``ssmblocks.kernels.<name>``, or None where Triton does not import."""
+    """The kernel module ``ssmblocks.kernels.<name>``, or None where Triton does not import. Plain import
+    statements, which torch.compile runs as it traces (it will not trace importlib, so a graph would break)."""
     from .. import kernels
 
     if not kernels.available():
         return None
-    return importlib.import_module(f"{kernels.__name__}.{name}")
+    from ..kernels import conv1d, norm, selective_scan, ssd, ssd_step  # noqa: F401  (the modules _kernel names)
+
+    return getattr(kernels, name)
 
 
 def _grad_needed(*tensors: torch.Tensor | None) -> bool:
@@ -65,8 +54,8 @@ def _int32(cu_seqlens):
 
 
 def ssd_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=None, cu_seqlens=None):
-    chunk = _ssd().DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-    return _ssd().ssd_chunked_triton(
+    chunk = _kernel("ssd").DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    return _kernel("ssd").ssd_chunked_triton(
         x, dt, A, B, C, D, z, initial_state=initial_state, cu_seqlens=_int32(cu_seqlens), chunk_size=chunk
     )
 
@@ -75,7 +64,7 @@ def ssd_scan_may_run(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_s
     return (
         x.dtype in _DTYPES
         and may_run(x, dt, A, B, C, D, z, initial_state, cu_seqlens)
-        and (kernels := _ssd()) is not None
+        and (kernels := _kernel("ssd")) is not None
         and (chunk_size is None or chunk_size in kernels.CHUNK_SIZES)
     )
 

@@ -29,6 +29,11 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, x: torch.Tensor, layer: str) -> N
         raise ShapeError(f"{layer}: packed input (cu_seqlens) must have batch size 1, got {x.shape[0]}")
     if cu_seqlens.numel() < 2:
         raise ShapeError(f"{layer}: cu_seqlens needs at least 2 entries (0 and the total length)")
+    if torch.compiler.is_compiling():  # a graph cannot branch on the values: assert them where they lie
+        steps = cu_seqlens[1:] - cu_seqlens[:-1]
+        valid = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == x.shape[1]) & (steps > 0).all()
+        torch._assert_async(valid, f"{layer}: cu_seqlens must run from 0 to {x.shape[1]}, strictly increasing")
+        return
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != x.shape[1]:
         raise ShapeError(
