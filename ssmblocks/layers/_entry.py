@@ -46,15 +46,17 @@ def check_inputs(
 
 class SequenceLayer(torch.nn.Module):
     """Base of the sequence layers: ``forward`` validates the call, then runs ``_mix(x, state, mask)``, the
-    layer's own computation, or ``_mix_packed(x, cu_seqlens)`` for packed sequences.
+    layer's own computation; packed sequences go to ``_mix(x, None, None, cu_seqlens)`` where the layer's ops
+    take them as they lie (``packed_natively``), else through ``_mix`` as right-padded batches.
 
     Subclasses set ``state_type`` and ``width`` (the size of the last input dimension) and implement
-    ``_mix`` and ``state_layout``; those whose ops take ``cu_seqlens`` also ``_mix_packed``. Their sizes
+    ``_mix`` and ``state_layout``. Their sizes
     (``n_heads``, ``d_inner``, ...) are the whole layer's; under tensor parallelism over ``tp_size`` ranks each
     rank computes its share (``local_heads``, ...).
     """
 
     state_type: type
+    packed_natively = False  # True: _mix takes cu_seqlens as a fourth argument
     tp_size = 1  # the ranks tensor parallelism splits the layer over (ssmblocks.distributed sets it)
 
     def forward(
@@ -72,10 +74,8 @@ class SequenceLayer(torch.nn.Module):
         cu_seqlens: (n + 1,) int boundaries of packed sequences in a batch-1 input; each starts fresh.
         """
         mask = check_inputs(self, x, self.width, state, self.state_type, attention_mask, cu_seqlens)
-        if cu_seqlens is not None:
-            return self._mix_packed(x, cu_seqlens)
-        return self._mix(x, state, mask)
-
-    def _mix_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """Packed sequences x (1, t, width), each from a fresh state: here as a right-padded batch."""
+        if cu_seqlens is None:
+            return self._mix(x, state, mask)
+        if self.packed_natively:
+            return self._mix(x, None, None, cu_seqlens)
         return run_packed(lambda padded: self._mix(padded, None, None), x, cu_seqlens)

@@ -30,6 +30,7 @@ class CausalConv1d(SequenceLayer):
     """
 
     state_type = ConvState
+    packed_natively = True
 
     def __init__(
         self,
@@ -85,11 +86,14 @@ class CausalConv1d(SequenceLayer):
     def width(self) -> int:
         return self.channels
 
-    def _mix(self, x: torch.Tensor, state: ConvState | None, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.conv(x, None if state is None else state.conv, mask)
-
-    def _mix_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        return self.conv(x, cu_seqlens=cu_seqlens)
+    def _mix(
+        self,
+        x: torch.Tensor,
+        state: ConvState | None,
+        mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.conv(x, None if state is None else state.conv, mask, cu_seqlens)
 
     def extra_repr(self) -> str:
         bias = self.bias is not None

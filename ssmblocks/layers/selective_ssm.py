@@ -41,6 +41,7 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
     """
 
     state_type = SSMState
+    packed_natively = True
     _keep_float32 = ("A_log", "D")
 
     def __init__(
@@ -121,9 +122,6 @@ class SelectiveSSM(KeepFloat32, SequenceLayer):
     def local_inner(self) -> int:
         """The inner channels this module computes: d_inner, or a rank's share under tensor parallelism."""
         return self.d_inner // self.tp_size
-
-    def _mix_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        return self._mix(x, None, None, cu_seqlens)
 
     def _mix(
         self,

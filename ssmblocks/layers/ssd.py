@@ -52,6 +52,7 @@ class SSD(KeepFloat32, SequenceLayer):
     """
 
     state_type = SSMState
+    packed_natively = True
     _keep_float32 = ("A_log", "D", "dt_bias")
 
     def __init__(
@@ -154,9 +155,6 @@ class SSD(KeepFloat32, SequenceLayer):
     def local_conv_dim(self) -> int:
         """The conv channels this module computes: conv_dim, or a rank's share under tensor parallelism."""
         return self.conv_dim // self.tp_size
-
-    def _mix_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        return self._mix(x, None, None, cu_seqlens)
 
     def _mix(
         self,
