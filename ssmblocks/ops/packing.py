@@ -1,7 +1,7 @@
 """Masks and packed sequences, handled the same way by every layer.
 
-Packed input (batch 1, sequences laid end to end, boundaries in ``cu_seqlens``) runs where no kernel takes it
-as it is in groups of sequences of similar length, each group unpacked into a right-padded batch, run
+Where no kernel takes packed input (batch 1, sequences laid end to end, boundaries in ``cu_seqlens``) as it
+lies, it runs in groups of sequences of similar length: each group unpacked into a right-padded batch, run
 through the ordinary path and packed back. Every mixer is causal, so right padding never reaches a real
 position and each sequence starts from a fresh state.
 """
@@ -97,7 +97,7 @@ def scan_by_length(scan: Callable, cu_seqlens: torch.Tensor, tokens: dict, initi
     None. Returns y (1, t, ...) and final (s, ...), in the packed order.
     """
     bounds, groups = _length_groups(cu_seqlens)
-    if len(groups) == 1 and _one_length(bounds):  # the pack is a batch as it lies
+    if _one_length(bounds):  # the pack is a batch as it lies
         n = len(bounds) - 1
         batch = {k: None if t is None else t.unflatten(1, (n, -1))[0] for k, (t, _) in tokens.items()}
         y, final = scan(initial_state=initial_state, **batch)
@@ -114,15 +114,12 @@ def scan_by_length(scan: Callable, cu_seqlens: torch.Tensor, tokens: dict, initi
 def run_packed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Apply a causal ``fn(padded (n, max_len, d)) -> (n, max_len, d_out)`` to packed ``x (1, t, d)``, each
     group of sequences of similar length as one right-padded batch."""
-    bounds, groups = _length_groups(cu_seqlens)
-    if len(groups) == 1 and _one_length(bounds):  # the pack is a batch as it lies
-        return fn(x.unflatten(1, (len(bounds) - 1, -1))[0]).flatten(0, 1)[None]
-    ys = {}
-    for group in groups:
-        y = fn(_padded(x, bounds, group, 0.0))
-        for row, i in enumerate(group):
-            ys[i] = y[row : row + 1, : bounds[i + 1] - bounds[i]]
-    return torch.cat([ys[i] for i in sorted(ys)], 1)
+
+    def stateless(initial_state, x):
+        y = fn(x)
+        return y, y.new_empty(y.shape[0], 0)  # no final state
+
+    return scan_by_length(stateless, cu_seqlens, {"x": (x, 0.0)}, None)[0]
 
 
 def sequence_starts(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
