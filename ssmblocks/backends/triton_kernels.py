@@ -24,16 +24,20 @@ def importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+_MODULES: dict = {}  # name -> kernel module (or None without Triton), filled on first use
+
+
 def _kernel(name: str):
     """The kernel module ``ssmblocks.kernels.<name>``, or None where Triton does not import. Plain import
-    statements, which torch.compile runs as it traces (it will not trace importlib, so a graph would break)."""
-    from .. import kernels
+    statements on first use, which torch.compile runs as it traces (it will not trace importlib, so a graph would
+    break); a dict lookup after that."""
+    if name not in _MODULES:
+        from .. import kernels
 
-    if not kernels.available():
-        return None
-    from ..kernels import conv1d, norm, selective_scan, ssd, ssd_step  # noqa: F401  (the modules _kernel names)
-
-    return getattr(kernels, name)
+        if kernels.available():
+            from ..kernels import conv1d, norm, selective_scan, ssd, ssd_step  # noqa: F401  (the names _kernel takes)
+        _MODULES[name] = getattr(kernels, name) if kernels.available() else None
+    return _MODULES[name]
 
 
 def _grad_needed(*tensors: torch.Tensor | None) -> bool:
