@@ -3,6 +3,8 @@ s sequences laid end to end in a batch of one."""
 
 import torch
 
+from ssmblocks.ops import packing
+
 
 def sequence_count(cu_seqlens: torch.Tensor | None, batch: int) -> int:
     """The sequences a scan's initial and final states are for: the batch's rows, or the packed ones."""
@@ -17,8 +19,4 @@ def sequence_count(cu_seqlens: torch.Tensor | None, batch: int) -> int:
 
 def token_sequences(cu_seqlens: torch.Tensor | None, l: int) -> torch.Tensor | None:
     """(l,) int32: the packed sequence each token belongs to, or None without cu_seqlens."""
-    if cu_seqlens is None:
-        return None
-    tokens = torch.arange(l, device=cu_seqlens.device, dtype=torch.int32)
-    seq = torch.searchsorted(cu_seqlens, tokens, right=True) - 1
-    return seq.clamp_(0, cu_seqlens.numel() - 2).to(torch.int32)  # tokens past cu_seqlens[-1]: the last one's
+    return None if cu_seqlens is None else packing.token_sequences(cu_seqlens, l).to(torch.int32)

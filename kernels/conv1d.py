@@ -16,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmblocks.ops.packing import sequence_starts
 from ssmblocks.ops.pool import state_rows
 
-from ._packed import sequence_count, token_sequences
+from ._packed import sequence_count
 
 MAX_WIDTH = 4
 _BLOCK_L = 32
@@ -327,7 +328,7 @@ def causal_conv1d_triton(
         if conv_state is not None or mask is not None:
             raise ValueError("cu_seqlens (packed sequences) takes neither a conv_state nor a mask")
         sequence_count(cu_seqlens, b)
-        seq_first = cu_seqlens[token_sequences(cu_seqlens, l)]
+        seq_first = sequence_starts(cu_seqlens, l)  # int32, as cu_seqlens
     n_pad = None if mask is None else (~mask).sum(1, dtype=torch.int32)
     state_in = conv_state
     if (

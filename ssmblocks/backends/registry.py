@@ -17,8 +17,8 @@
 The three steps take ``state_indices`` for a pool of states (every torch and triton step; "no pool": that cpp
 step declines such a call). Every cpp implementation also needs plain CPU tensors, no gradient through them, no
 torch.compile tracing and the kernels built; the float32/float64-only ones say so in their condition (cpp_kernels.py).
-Packed sequences (``cu_seqlens``) run natively in the triton ssd_scan and causal_conv1d, as a right-padded batch
-in ssd_scan_torch; the cpp ones decline them.
+Packed sequences (``cu_seqlens``) run as they lie in the triton scans and causal_conv1d and in
+causal_conv1d_torch; the torch scans run them in right-padded groups of similar length; the cpp ones decline them.
 
 | op                   | triton (triton_kernels.py: CUDA, autograd, custom ops; kernels in ``kernels/``)     |
 |----------------------|--------------------------------------------------------------------------------------|

@@ -50,9 +50,8 @@ class SequenceLayer(torch.nn.Module):
     take them as they lie (``packed_natively``), else through ``_mix`` as right-padded batches.
 
     Subclasses set ``state_type`` and ``width`` (the size of the last input dimension) and implement
-    ``_mix`` and ``state_layout``. Their sizes
-    (``n_heads``, ``d_inner``, ...) are the whole layer's; under tensor parallelism over ``tp_size`` ranks each
-    rank computes its share (``local_heads``, ...).
+    ``_mix`` and ``state_layout``. Their sizes (``n_heads``, ``d_inner``, ...) are the whole layer's; under
+    tensor parallelism over ``tp_size`` ranks each rank computes its share (``local_heads``, ...).
     """
 
     state_type: type

@@ -64,9 +64,9 @@ def check_attention_mask(mask: torch.Tensor, x: torch.Tensor, layer: str) -> tor
     return mask
 
 
-def _length_groups(cu_seqlens: torch.Tensor) -> tuple[list[int], list[list[int]]]:
-    """The packed sequences' bounds, and their indices grouped by length: each group's longest is at most twice
-    its shortest."""
+def _length_groups(cu_seqlens: torch.Tensor) -> tuple[list[int], list[int], list[list[int]]]:
+    """The packed sequences' bounds and lengths, and their indices grouped by length: each group's longest is at
+    most twice its shortest."""
     bounds = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     groups = []
@@ -74,11 +74,7 @@ def _length_groups(cu_seqlens: torch.Tensor) -> tuple[list[int], list[list[int]]
         if not groups or lengths[i] > 2 * lengths[groups[-1][0]]:
             groups.append([])
         groups[-1].append(i)
-    return bounds, groups
-
-
-def _one_length(bounds: list[int]) -> bool:
-    return len({b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)}) == 1
+    return bounds, lengths, groups
 
 
 def _padded(t: torch.Tensor, bounds: list[int], group: list[int], fill: float) -> torch.Tensor:
@@ -96,10 +92,9 @@ def scan_by_length(scan: Callable, cu_seqlens: torch.Tensor, tokens: dict, initi
     tokens: name -> (packed (1, t, ...) tensor or None, the value to pad it with); initial_state: (s, ...) or
     None. Returns y (1, t, ...) and final (s, ...), in the packed order.
     """
-    bounds, groups = _length_groups(cu_seqlens)
-    if _one_length(bounds):  # the pack is a batch as it lies
-        n = len(bounds) - 1
-        batch = {k: None if t is None else t.unflatten(1, (n, -1))[0] for k, (t, _) in tokens.items()}
+    bounds, lengths, groups = _length_groups(cu_seqlens)
+    if len(set(lengths)) == 1:  # the pack is a batch as it lies
+        batch = {k: None if t is None else t.unflatten(1, (len(lengths), -1))[0] for k, (t, _) in tokens.items()}
         y, final = scan(initial_state=initial_state, **batch)
         return y.flatten(0, 1)[None], final
     ys, finals = {}, {}
@@ -107,7 +102,7 @@ def scan_by_length(scan: Callable, cu_seqlens: torch.Tensor, tokens: dict, initi
         padded = {k: None if t is None else _padded(t, bounds, group, fill) for k, (t, fill) in tokens.items()}
         y, final = scan(initial_state=None if initial_state is None else initial_state[group], **padded)
         for row, i in enumerate(group):
-            ys[i], finals[i] = y[row : row + 1, : bounds[i + 1] - bounds[i]], final[row : row + 1]
+            ys[i], finals[i] = y[row : row + 1, : lengths[i]], final[row : row + 1]
     return torch.cat([ys[i] for i in sorted(ys)], 1), torch.cat([finals[i] for i in sorted(finals)])
 
 
@@ -122,8 +117,12 @@ def run_packed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cu_s
     return scan_by_length(stateless, cu_seqlens, {"x": (x, 0.0)}, None)[0]
 
 
+def token_sequences(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(total,) int64: the packed sequence each token belongs to (tokens past cu_seqlens[-1]: the last one)."""
+    tokens = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return (torch.searchsorted(cu_seqlens, tokens, right=True) - 1).clamp_(0, cu_seqlens.numel() - 2)
+
+
 def sequence_starts(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """(total,) int64: the position where each packed token's sequence starts."""
-    cu = cu_seqlens.to(torch.int64)
-    seq = torch.searchsorted(cu, torch.arange(total, device=cu.device), right=True) - 1
-    return cu[seq.clamp_(0, cu.numel() - 2)]
+    """(total,) in cu_seqlens' dtype: the position where each packed token's sequence starts."""
+    return cu_seqlens[token_sequences(cu_seqlens, total)]
