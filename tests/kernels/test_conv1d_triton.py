@@ -56,6 +56,15 @@ def as_float64(leaves):
     return {n: None if t is None else t.detach().double().requires_grad_(True) for n, t in leaves.items()}
 
 
+def check_gradients(y, y_ref, dy, leaves, ref_leaves, tol):
+    """Backward dy (float64) through y and the reference's y_ref; every leaf's gradient against the reference's."""
+    y.backward(dy.to(y.dtype))
+    y_ref.backward(dy)
+    for name, leaf in leaves.items():
+        if leaf is not None:
+            assert_close(leaf.grad, ref_leaves[name].grad, tol, f"d{name}")
+
+
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_forward_state_and_gradients(case):
     b, l, c, k, has_bias, activation, has_state, pads = CASES[case]
@@ -68,12 +77,7 @@ def test_forward_state_and_gradients(case):
     assert_close(y * real, y_ref * real, TOL[torch.float32], "y")  # padded outputs are unspecified
     if state is not None:
         assert_close(state, ref_state, TOL[torch.float32], "conv_state")
-    dy = torch.randn_like(y_ref) * real
-    y.backward(dy.float())
-    y_ref.backward(dy)
-    for name, leaf in leaves.items():
-        if leaf is not None:
-            assert_close(leaf.grad, ref_leaves[name].grad, TOL[torch.float32], f"d{name}")
+    check_gradients(y, y_ref, torch.randn_like(y_ref) * real, leaves, ref_leaves, TOL[torch.float32])
 
 
 def test_matches_the_sequential_reference_without_state():
@@ -91,11 +95,7 @@ def test_bfloat16_with_state():
     assert y.dtype == torch.bfloat16 and state.dtype == torch.bfloat16
     assert_close(y, y_ref, TOL[torch.bfloat16], "y")
     assert_close(state, ref_state, TOL[torch.bfloat16], "conv_state")
-    dy = torch.randn_like(y_ref)
-    y.backward(dy.bfloat16())
-    y_ref.backward(dy)
-    for name, leaf in leaves.items():
-        assert_close(leaf.grad, ref_leaves[name].grad, TOL[torch.bfloat16], f"d{name}")
+    check_gradients(y, y_ref, torch.randn_like(y_ref), leaves, ref_leaves, TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
@@ -131,11 +131,7 @@ def test_packed_sequences_match_separate_runs(activation):
     y_ref = torch.cat([causal_conv1d_ref(x_ref[:, a:b], ref["weight"], ref["bias"], activation)
                        for a, b in zip(bounds[:-1], bounds[1:], strict=True)], 1)  # fmt: skip
     assert_close(y, y_ref, TOL[torch.float32], "y")
-    dy = torch.randn_like(y_ref)
-    y.backward(dy.float())
-    y_ref.backward(dy)
-    for name, leaf in leaves.items():
-        assert_close(leaf.grad, ref[name].grad, TOL[torch.float32], f"d{name}")
+    check_gradients(y, y_ref, torch.randn_like(y_ref), leaves, ref, TOL[torch.float32])
 
 
 def test_custom_ops_pass_opcheck():
